@@ -1,0 +1,12 @@
+//! Decision events: one structured record per authorization decision, and the sinks that
+//! record them.
+//!
+//! A check returns to Envoy only after its event is recorded, so a sink's `record` future
+//! resolves when the event is durable for that sink: written (and, if configured, fsynced)
+//! for the file sink, written for stdout, at once for the `none` sink.
+
+mod event;
+mod sink;
+
+pub use event::{DecisionEvent, EventDecision, EventPolicy, format_rfc3339};
+pub use sink::{DecisionSink, FileSink, NullSink, SinkError, StdoutSink};
