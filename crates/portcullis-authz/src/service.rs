@@ -1,0 +1,232 @@
+//! The check pipeline and the gRPC `Authorization` service that runs it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use portcullis_audit::{DecisionEvent, DecisionSink, EventDecision, EventPolicy, format_rfc3339};
+use portcullis_policy::{Policy, PolicyStore};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::decision::{Decision, check_response, parse_decision};
+use crate::input::{InputError, RequestSummary, build_input};
+
+/// Status sent when portcullis itself cannot decide (policy error, undefined or malformed
+/// decision). 403 is what Envoy sends when an ext_authz call fails, so clients see the same
+/// status either way; the reason goes to the log and the decision event, never the client.
+const INTERNAL_DENY_STATUS: u16 = 403;
+/// Status sent when the decision event cannot be recorded in time: the request could
+/// succeed later, so it is reported as unavailable rather than forbidden.
+const AUDIT_UNAVAILABLE_STATUS: u16 = 503;
+/// Status for a body that cannot be parsed under its declared media type.
+const MALFORMED_BODY_STATUS: u16 = 400;
+
+/// Receives the outcome of every check, for metrics.
+pub trait CheckObserver: Send + Sync {
+    fn check_completed(&self, outcome: &CheckSummary);
+}
+
+/// What metrics need to know about one check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckSummary {
+    pub allowed: bool,
+    pub http_status: u16,
+    /// Why portcullis denied on its own, as a short stable label (`malformed_body`,
+    /// `policy_error`, `invalid_decision`, `audit_failed`); `None` when the policy decided.
+    pub denied_by: Option<&'static str>,
+    pub latency: Duration,
+}
+
+/// An observer that ignores everything, for the offline `check` command and tests.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl CheckObserver for NoObserver {
+    fn check_completed(&self, _outcome: &CheckSummary) {}
+}
+
+/// Everything one check produced: the offline `check` command prints all of it.
+#[derive(Debug, Clone)]
+pub struct CheckOutcome {
+    /// The policy input document; `None` when the request was denied before evaluation.
+    pub input: Option<regorus::Value>,
+    /// The raw value of the decision rule; `None` when the policy was not evaluated.
+    pub policy_result: Option<regorus::Value>,
+    pub decision: Decision,
+    pub response: CheckResponse,
+    pub event: DecisionEvent,
+}
+
+/// Runs the steps of one check: policy input, evaluation, decision, decision event and
+/// response. Any failure on the way is a deny (fail closed).
+pub struct Authorizer {
+    policies: Arc<PolicyStore>,
+    sink: Arc<dyn DecisionSink>,
+    observer: Arc<dyn CheckObserver>,
+    audit_timeout: Duration,
+}
+
+/// A decision and how it came about, before it is recorded.
+struct Verdict {
+    input: Option<regorus::Value>,
+    policy_result: Option<regorus::Value>,
+    decision: Decision,
+    denied_by: Option<&'static str>,
+}
+
+impl Authorizer {
+    pub fn new(
+        policies: Arc<PolicyStore>,
+        sink: Arc<dyn DecisionSink>,
+        observer: Arc<dyn CheckObserver>,
+        audit_timeout: Duration,
+    ) -> Self {
+        Self { policies, sink, observer, audit_timeout }
+    }
+
+    /// Decides one request and records its event. The response is only returned once the
+    /// event is recorded; when that fails or times out, the request is denied with 503.
+    pub async fn check(&self, request: CheckRequest) -> CheckOutcome {
+        let started = Instant::now();
+        let time = SystemTime::now();
+        let decision_id = uuid::Uuid::now_v7().to_string();
+        let policy = self.policies.current();
+        let summary = RequestSummary::from_request(&request);
+
+        let mut verdict = decide(&request, &policy, &decision_id);
+        let latency = started.elapsed();
+
+        let mut event = DecisionEvent {
+            schema: DecisionEvent::SCHEMA,
+            decision_id: decision_id.clone(),
+            time: format_rfc3339(time),
+            request: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
+            decision: event_decision(&verdict),
+            policy: EventPolicy {
+                bundle_revision: policy.revision().to_owned(),
+                decision_path: policy.decision_path().to_owned(),
+            },
+            latency_us: latency.as_micros().try_into().unwrap_or(u64::MAX),
+        };
+
+        if let Err(reason) = self.record(&event).await {
+            warn!(decision.id = %decision_id, sink = self.sink.name(), %reason, "decision event not recorded; denying the request");
+            verdict.decision = Decision::deny(AUDIT_UNAVAILABLE_STATUS, "decision event could not be recorded");
+            verdict.denied_by = Some("audit_failed");
+            event.decision = event_decision(&verdict);
+        }
+
+        log_decision(&decision_id, &summary, &verdict);
+        let response = check_response(&verdict.decision, &decision_id);
+        self.observer.check_completed(&CheckSummary {
+            allowed: verdict.decision.allowed,
+            http_status: event.decision.http_status,
+            denied_by: verdict.denied_by,
+            latency: started.elapsed(),
+        });
+
+        CheckOutcome {
+            input: verdict.input,
+            policy_result: verdict.policy_result,
+            decision: verdict.decision,
+            response,
+            event,
+        }
+    }
+
+    async fn record(&self, event: &DecisionEvent) -> Result<(), String> {
+        match tokio::time::timeout(self.audit_timeout, self.sink.record(event)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("timed out after {:?}", self.audit_timeout)),
+        }
+    }
+}
+
+fn decide(request: &CheckRequest, policy: &Policy, decision_id: &str) -> Verdict {
+    let input = match build_input(request) {
+        Ok(input) => input,
+        Err(InputError::MalformedBody { reason, .. }) => {
+            let mut decision = Decision::deny(MALFORMED_BODY_STATUS, reason.clone());
+            decision.body = Some(reason);
+            return Verdict { input: None, policy_result: None, decision, denied_by: Some("malformed_body") };
+        }
+    };
+
+    let result = match policy.evaluate(input.document.clone()) {
+        Ok(result) => result,
+        Err(error) => {
+            warn!(decision.id = %decision_id, policy.revision = policy.revision(), %error, "policy evaluation failed; denying");
+            let decision = Decision::deny(INTERNAL_DENY_STATUS, format!("policy evaluation failed: {error}"));
+            return Verdict { input: Some(input.document), policy_result: None, decision, denied_by: Some("policy_error") };
+        }
+    };
+
+    match parse_decision(&result) {
+        Ok(decision) => Verdict { input: Some(input.document), policy_result: Some(result), decision, denied_by: None },
+        Err(error) => {
+            warn!(decision.id = %decision_id, policy.revision = policy.revision(), policy.decision = policy.decision_path(), %error, "invalid policy decision; denying");
+            let decision = Decision::deny(INTERNAL_DENY_STATUS, format!("invalid policy decision: {error}"));
+            Verdict { input: Some(input.document), policy_result: Some(result), decision, denied_by: Some("invalid_decision") }
+        }
+    }
+}
+
+fn event_decision(verdict: &Verdict) -> EventDecision {
+    let decision = &verdict.decision;
+    EventDecision {
+        allowed: decision.allowed,
+        http_status: if decision.allowed { 200 } else { decision.http_status.unwrap_or(INTERNAL_DENY_STATUS) },
+        reason: decision.reason.clone(),
+    }
+}
+
+/// Logs denies at info and allows at debug, as one event with structured fields.
+fn log_decision(decision_id: &str, summary: &RequestSummary, verdict: &Verdict) {
+    let decision = &verdict.decision;
+    if decision.allowed {
+        debug!(decision.id = %decision_id, http.method = %summary.method, http.path = %summary.path, "request allowed");
+    } else {
+        info!(
+            decision.id = %decision_id,
+            http.method = %summary.method,
+            http.path = %summary.path,
+            http.status = decision.http_status.unwrap_or(INTERNAL_DENY_STATUS),
+            denied_by = verdict.denied_by.unwrap_or("policy"),
+            reason = decision.reason.as_deref().unwrap_or(""),
+            "request denied"
+        );
+    }
+}
+
+/// The ext_authz v3 gRPC service.
+#[derive(Clone)]
+pub struct AuthzService {
+    authorizer: Arc<Authorizer>,
+}
+
+impl AuthzService {
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        // The check runs in its own task so that a call Envoy cancels or times out still
+        // finishes and records its decision event.
+        let authorizer = Arc::clone(&self.authorizer);
+        let check = tokio::spawn(async move { authorizer.check(request.into_inner()).await.response });
+        match check.await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => {
+                tracing::error!(%error, "check task failed; denying");
+                let decision = Decision::deny(INTERNAL_DENY_STATUS, "internal error");
+                Ok(Response::new(check_response(&decision, "unknown")))
+            }
+        }
+    }
+}
