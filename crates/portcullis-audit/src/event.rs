@@ -27,7 +27,7 @@ pub struct EventDecision {
     pub allowed: bool,
     /// The HTTP status Envoy sends to the client on deny; 200 on allow.
     pub http_status: u16,
-    /// Why portcullis denied on its own (malformed body, undefined decision, policy error).
+    /// Reason portcullis denied on its own (malformed body, undefined decision, policy error).
     /// Absent when the policy decided.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -2,8 +2,8 @@
 //! record them.
 //!
 //! A check returns to Envoy only after its event is recorded, so a sink's `record` future
-//! resolves when the event is durable for that sink: written (and, if configured, fsynced)
-//! for the file sink, written for stdout, at once for the `none` sink.
+//! resolves when the event is durable for that sink. The file sink resolves once the event is
+//! written (and fsynced, if configured), stdout once it is written, and `none` at once.
 
 mod event;
 mod sink;

@@ -14,8 +14,8 @@ use crate::decision::{Decision, check_response, parse_decision};
 use crate::input::{InputError, RequestSummary, build_input};
 
 /// Status sent when portcullis itself cannot decide (policy error, undefined or malformed
-/// decision). 403 is what Envoy sends when an ext_authz call fails, so clients see the same
-/// status either way; the reason goes to the log and the decision event, never the client.
+/// decision). Envoy also sends 403 when an ext_authz call fails, so clients see the same status
+/// either way. The reason goes to the log and the decision event, never to the client.
 const INTERNAL_DENY_STATUS: u16 = 403;
 /// Status sent when the decision event cannot be recorded in time: the request could
 /// succeed later, so it is reported as unavailable rather than forbidden.
@@ -33,8 +33,8 @@ pub trait CheckObserver: Send + Sync {
 pub struct CheckSummary {
     pub allowed: bool,
     pub http_status: u16,
-    /// Why portcullis denied on its own, as a short stable label (`malformed_body`,
-    /// `policy_error`, `invalid_decision`, `audit_failed`); `None` when the policy decided.
+    /// Reason portcullis denied on its own, as a short stable label (`malformed_body`,
+    /// `policy_error`, `invalid_decision`, `audit_failed`). `None` when the policy decided.
     pub denied_by: Option<&'static str>,
     pub latency: Duration,
 }
