@@ -1,0 +1,185 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    Config::parse(text, Path::new("/etc/portcullis"))
+}
+
+fn rendered(problems: &[Problem]) -> Vec<String> {
+    problems.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn minimal_config_takes_defaults() {
+    let config = parse("listen:\n  address: 127.0.0.1:9191\npolicy:\n  bundle: bundle\n").unwrap();
+
+    assert_eq!(config.listen.address, Some("127.0.0.1:9191".parse().unwrap()));
+    assert_eq!(config.listen.unix_socket, None);
+    assert_eq!(config.listen.max_message_bytes, 4 * 1024 * 1024);
+    assert_eq!(config.admin.address, None);
+    assert_eq!(config.policy.bundle, Path::new("/etc/portcullis/bundle"));
+    assert_eq!(config.policy.decision, "envoy/authz/allow");
+    assert_eq!(config.policy.reload_interval, Duration::from_secs(5));
+    assert_eq!(config.audit.sink, SinkKind::Stdout);
+    assert!(config.audit.fsync);
+    assert_eq!(config.audit.timeout, Duration::from_secs(1));
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.log.format, LogFormat::Text);
+    assert_eq!(config.shutdown.drain, Duration::from_secs(5));
+    assert_eq!(config.shutdown.timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn full_config_is_read() {
+    let text = r#"
+listen:
+  address: "[::1]:9000"
+  unix_socket: /run/portcullis/authz.sock
+  max_message_bytes: 65536
+admin:
+  address: 127.0.0.1:9192
+policy:
+  bundle: /srv/bundle.tar.gz
+  decision: acme/http/decision
+  reload_interval: 0
+audit:
+  sink: file
+  path: audit/decisions.jsonl
+  fsync: false
+  timeout: 250ms
+log:
+  level: debug,hyper=info
+  format: json
+shutdown:
+  drain: 1s
+  timeout: 2m
+"#;
+    let config = parse(text).unwrap();
+
+    assert_eq!(config.listen.address, Some("[::1]:9000".parse().unwrap()));
+    assert_eq!(config.listen.unix_socket.as_deref(), Some(Path::new("/run/portcullis/authz.sock")));
+    assert_eq!(config.listen.max_message_bytes, 65536);
+    assert_eq!(config.admin.address, Some("127.0.0.1:9192".parse().unwrap()));
+    assert_eq!(config.policy.bundle, Path::new("/srv/bundle.tar.gz"));
+    assert_eq!(config.policy.decision, "acme/http/decision");
+    assert_eq!(config.policy.reload_interval, Duration::ZERO);
+    assert_eq!(config.audit.sink, SinkKind::File);
+    assert_eq!(config.audit.path.as_deref(), Some(Path::new("/etc/portcullis/audit/decisions.jsonl")));
+    assert!(!config.audit.fsync);
+    assert_eq!(config.audit.timeout, Duration::from_millis(250));
+    assert_eq!(config.log.format, LogFormat::Json);
+    assert_eq!(config.shutdown.drain, Duration::from_secs(1));
+    assert_eq!(config.shutdown.timeout, Duration::from_secs(120));
+}
+
+#[test]
+fn every_problem_is_reported_with_path_and_line() {
+    let text = "\
+listen:
+  address: localhost
+  max_message_bytes: 12
+  backlog: 5
+policy:
+  decision: data/envoy/allow
+  reload_interval: soon
+audit:
+  sink: kafka
+log:
+  format: yaml
+";
+    let problems = parse(text).unwrap_err();
+
+    assert_eq!(
+        rendered(&problems),
+        vec![
+            "listen.backlog (line 4): unknown key; expected one of: address, unix_socket, max_message_bytes",
+            "listen.address (line 2): invalid address \"localhost\"; expected IP:PORT such as 127.0.0.1:9191 or [::1]:9191",
+            "listen.max_message_bytes (line 3): expected an integer from 1024 to 67108864, found 12",
+            "policy.bundle (line 6): missing; set it to a bundle folder or .tar.gz",
+            "policy.decision (line 6): decision path \"data/envoy/allow\" must not start with data/; it is already relative to data",
+            "policy.reload_interval (line 7): invalid duration \"soon\": expected number at 0; write it like 500ms, 5s or 2m",
+            "audit.sink (line 9): invalid value \"kafka\"; expected one of: file, stdout, none",
+            "log.format (line 11): invalid value \"yaml\"; expected one of: text, json",
+        ]
+    );
+}
+
+#[test]
+fn unknown_top_level_key_is_reported() {
+    let problems = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\npolicies: {}\n").unwrap_err();
+    assert_eq!(rendered(&problems), vec!["policies (line 5): unknown key; expected one of: listen, admin, policy, audit, log, shutdown"]);
+}
+
+#[test]
+fn inline_secret_is_rejected() {
+    let problems = parse("listen:\n  address: 127.0.0.1:1\n  token: abc\npolicy:\n  bundle: b\n").unwrap_err();
+    assert_eq!(
+        rendered(&problems),
+        vec!["listen.token (line 3): secrets are not accepted inline; write it to a file and set `token_file` to its path"]
+    );
+}
+
+#[test]
+fn missing_listener_is_reported() {
+    let problems = parse("policy:\n  bundle: b\n").unwrap_err();
+    assert_eq!(rendered(&problems), vec!["listen: no listener: set listen.address, listen.unix_socket or both"]);
+}
+
+#[test]
+fn file_sink_without_path_is_reported() {
+    let problems = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\naudit:\n  sink: file\n").unwrap_err();
+    assert_eq!(rendered(&problems), vec!["audit.path (line 6): missing; the file sink needs a path for its events"]);
+}
+
+#[test]
+fn wrong_types_are_reported() {
+    let problems = parse("listen: [1, 2]\npolicy:\n  bundle: 7\naudit:\n  fsync: maybe\n").unwrap_err();
+    assert_eq!(
+        rendered(&problems),
+        vec![
+            "listen (line 1): expected a mapping, found a sequence",
+            "listen (line 1): no listener: set listen.address, listen.unix_socket or both",
+            "policy.bundle (line 3): expected a string, found an integer",
+            "audit.fsync (line 5): expected true or false, found a string",
+        ]
+    );
+}
+
+#[test]
+fn yaml_syntax_error_names_line() {
+    let problems = parse("listen:\n  address: [127.0.0.1:1\npolicy: {}\n").unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].path, "");
+    assert!(problems[0].message.starts_with("invalid YAML at line"), "{}", problems[0].message);
+}
+
+#[test]
+fn duplicate_key_is_a_syntax_error() {
+    let problems = parse("listen:\n  address: 127.0.0.1:1\n  address: 127.0.0.1:2\npolicy:\n  bundle: b\n").unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].message.starts_with("invalid YAML"), "{}", problems[0].message);
+}
+
+#[test]
+fn empty_file_reports_what_is_required() {
+    let problems = parse("").unwrap_err();
+    assert_eq!(
+        rendered(&problems),
+        vec![
+            "listen: no listener: set listen.address, listen.unix_socket or both",
+            "policy.bundle: missing; set it to a bundle folder or .tar.gz",
+        ]
+    );
+}
+
+#[test]
+fn decision_path_must_be_rego_names() {
+    assert!(check_decision_path("envoy/authz/allow").is_ok());
+    assert!(check_decision_path("/envoy/authz/allow").is_ok());
+    assert!(check_decision_path("envoy/authz/allow-me").is_err());
+    assert!(check_decision_path("envoy//allow").is_err());
+    assert!(check_decision_path("").is_err());
+    assert!(check_decision_path("data").is_err());
+}
