@@ -1,6 +1,8 @@
 //! Structured logs with `tracing`, to standard error so that standard output stays free
 //! for decision events.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -15,7 +17,10 @@ pub fn init(config: &LogConfig) {
         .and_then(|directives| EnvFilter::builder().parse(directives).ok())
         .or_else(|| EnvFilter::builder().parse(&config.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let installed = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
