@@ -143,6 +143,9 @@ where
             if looks_like_http1(&received[..length]) {
                 warn!(peer = %peer, received = %sent, "rejected an HTTP/1.x request: this listener serves ext_authz over gRPC (HTTP/2 cleartext) only; configure the Envoy cluster with http2_protocol_options");
                 let _ = stream.write_all(HTTP1_REJECTION).await;
+                let _ = stream.shutdown().await;
+                discard_unread(&mut stream).await;
+                return;
             } else if received[0] == 0x16 {
                 warn!(peer = %peer, "rejected a TLS handshake: this listener serves cleartext gRPC; disable TLS in the Envoy cluster for this address");
             } else {
@@ -153,6 +156,22 @@ where
         Ok(Err(error)) => debug!(peer = %peer, %error, "connection failed before the HTTP/2 preface"),
         Err(_) => warn!(peer = %peer, timeout = ?PREFACE_TIMEOUT, "rejected a connection that sent no HTTP/2 preface in time"),
     }
+}
+
+/// Reads and drops what the client sent after its first bytes, briefly, so that closing the
+/// socket does not reset the connection before the client has read the rejection.
+async fn discard_unread<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => total += read,
+            }
+        }
+    })
+    .await;
 }
 
 /// Tells whether a client's first bytes start an HTTP/1.x request line.
