@@ -36,7 +36,11 @@ pub struct EventDecision {
 /// The policy that made the decision.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventPolicy {
+    /// The manifest revision, or the content digest when the bundle has none.
     pub bundle_revision: String,
+    /// SHA-256 of the bundle content, so events tell bundles apart even when an edit kept the
+    /// manifest revision.
+    pub bundle_digest: String,
     pub decision_path: String,
 }
 

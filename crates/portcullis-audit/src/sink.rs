@@ -252,7 +252,11 @@ mod tests {
             time: "2026-01-01T00:00:00.000000Z".to_owned(),
             request: serde_json::json!({"method": "GET", "path": "/a"}),
             decision: EventDecision { allowed: true, http_status: 200, reason: None },
-            policy: EventPolicy { bundle_revision: "r1".to_owned(), decision_path: "envoy/authz/allow".to_owned() },
+            policy: EventPolicy {
+                bundle_revision: "r1".to_owned(),
+                bundle_digest: "sha256:00".to_owned(),
+                decision_path: "envoy/authz/allow".to_owned(),
+            },
             latency_us: 12,
         }
     }

@@ -55,6 +55,8 @@ pub struct CheckOutcome {
     /// The raw value of the decision rule; `None` when the policy was not evaluated.
     pub policy_result: Option<regorus::Value>,
     pub decision: Decision,
+    /// Reason portcullis denied on its own, as in [`CheckSummary::denied_by`].
+    pub denied_by: Option<&'static str>,
     pub response: CheckResponse,
     pub event: DecisionEvent,
 }
@@ -106,6 +108,7 @@ impl Authorizer {
             decision: event_decision(&verdict),
             policy: EventPolicy {
                 bundle_revision: policy.revision().to_owned(),
+                bundle_digest: policy.digest().to_owned(),
                 decision_path: policy.decision_path().to_owned(),
             },
             latency_us: latency.as_micros().try_into().unwrap_or(u64::MAX),
@@ -131,6 +134,7 @@ impl Authorizer {
             input: verdict.input,
             policy_result: verdict.policy_result,
             decision: verdict.decision,
+            denied_by: verdict.denied_by,
             response,
             event,
         }

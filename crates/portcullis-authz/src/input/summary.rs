@@ -15,9 +15,13 @@ use super::path::split_target;
 /// and empty fields are left out when serialized.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RequestSummary {
-    /// `http.id`, or the `x-request-id` header when `http.id` is empty.
+    /// The `x-request-id` header: the id Envoy also sends upstream and writes to its access
+    /// log, so an event can be joined with both.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// `http.id`, Envoy's own id of the HTTP stream.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub stream_id: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub method: String,
     /// `http.host`, the `:authority` or `host` of the request.
@@ -67,13 +71,10 @@ impl RequestSummary {
             return summary;
         };
 
-        summary.request_id = if http.id.is_empty() {
-            header(http, "x-request-id")
-                .map(String::from)
-                .unwrap_or_default()
-        } else {
-            http.id.clone()
-        };
+        summary.request_id = header(http, "x-request-id")
+            .map(String::from)
+            .unwrap_or_default();
+        summary.stream_id = http.id.clone();
         summary.method = http.method.clone();
         summary.authority = http.host.clone();
         summary.path = split_target(&http.path).0.to_owned();

@@ -679,7 +679,8 @@ fn summary_collects_request_facts() {
     assert_eq!(
         summary,
         RequestSummary {
-            request_id: "17".to_owned(),
+            request_id: "header-id".to_owned(),
+            stream_id: "17".to_owned(),
             method: "GET".to_owned(),
             authority: "shop.example".to_owned(),
             path: "/orders/42".to_owned(),
@@ -693,13 +694,15 @@ fn summary_collects_request_facts() {
 }
 
 #[test]
-fn summary_request_id_falls_back_to_header() {
+fn summary_request_id_comes_from_header() {
     let mut http = http_with_path("/");
+    http.id = "9876543210".to_owned();
     http.header_map = Some(HeaderMap {
         headers: vec![header_entry("X-Request-Id", "", b"abc-123")],
     });
     let summary = RequestSummary::from_request(&check_request(http));
     assert_eq!(summary.request_id, "abc-123");
+    assert_eq!(summary.stream_id, "9876543210");
 }
 
 #[test]
@@ -715,7 +718,7 @@ fn summary_works_when_input_fails() {
     http.id = "req-9".to_owned();
     let request = check_request(http);
     assert!(build_input(&request).is_err());
-    assert_eq!(RequestSummary::from_request(&request).request_id, "req-9");
+    assert_eq!(RequestSummary::from_request(&request).stream_id, "req-9");
 }
 
 // Random inputs.
