@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use portcullis_audit::NullSink;
@@ -62,12 +63,25 @@ pub fn run(config_path: &Path, request_path: &Path) -> u8 {
     match serde_json::to_string_pretty(&report) {
         Ok(text) => {
             println!("{text}");
-            0
+            policy_failure_code(&outcome)
         }
         Err(error) => {
             eprintln!("portcullis: cannot print the result: {error}");
             EXIT_FAILURE
         }
+    }
+}
+
+/// Returns 1 when the policy failed to produce a valid decision (an evaluation error or a
+/// malformed decision), so scripts can tell a broken policy from a deny; else 0.
+fn policy_failure_code(outcome: &portcullis_authz::service::CheckOutcome) -> u8 {
+    match outcome.denied_by {
+        Some(reason @ ("policy_error" | "invalid_decision")) => {
+            let detail = outcome.decision.reason.as_deref().unwrap_or(reason);
+            eprintln!("portcullis: the policy did not produce a valid decision: {detail}");
+            EXIT_FAILURE
+        }
+        _ => 0,
     }
 }
 
@@ -120,7 +134,9 @@ fn headers_to_json(headers: &[HeaderValueOption]) -> Vec<Value> {
             json!({
                 "key": header.map(|h| h.key.as_str()).unwrap_or(""),
                 "value": header.map(|h| h.value.as_str()).unwrap_or(""),
-                "appendAction": option.append_action,
+                "appendAction": HeaderAppendAction::try_from(option.append_action)
+                    .map(|action| action.as_str_name().to_owned())
+                    .unwrap_or_else(|_| option.append_action.to_string()),
             })
         })
         .collect()

@@ -52,7 +52,8 @@ enum Command {
         config: PathBuf,
     },
     /// Decide one CheckRequest offline and print the input document, the decision and the
-    /// response that `serve` would send. Records no decision event.
+    /// response that `serve` would send. Records no decision event. Exits 1 when the policy
+    /// fails to evaluate or returns a malformed decision.
     Check {
         /// The YAML configuration file; its policy section is used.
         #[arg(long, short, value_name = "FILE", env = "PORTCULLIS_CONFIG")]

@@ -68,6 +68,12 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register("ready", "1 when the sidecar is ready to answer checks", ready.clone());
 
+        // Series that dashboards and alerts query exist from the start, at zero.
+        let _ = checks.get_or_create(&CheckLabels { outcome: "allowed", denied_by: "none" });
+        let _ = checks.get_or_create(&CheckLabels { outcome: "denied", denied_by: "policy" });
+        let _ = bundle_reloads.get_or_create(&ReloadLabels { result: "success" });
+        let _ = bundle_reloads.get_or_create(&ReloadLabels { result: "failure" });
+
         Self {
             registry,
             checks,
@@ -146,6 +152,14 @@ mod tests {
         assert!(text.contains("portcullis_checks_total{outcome=\"allowed\",denied_by=\"none\"} 2"), "{text}");
         assert!(text.contains("portcullis_checks_total{outcome=\"denied\",denied_by=\"malformed_body\"} 1"), "{text}");
         assert!(text.contains("portcullis_check_duration_seconds_count 3"), "{text}");
+    }
+
+    #[test]
+    fn common_series_start_at_zero() {
+        let text = Metrics::new().render();
+        assert!(text.contains("portcullis_checks_total{outcome=\"allowed\",denied_by=\"none\"} 0"), "{text}");
+        assert!(text.contains("portcullis_checks_total{outcome=\"denied\",denied_by=\"policy\"} 0"), "{text}");
+        assert!(text.contains("portcullis_bundle_reloads_total{result=\"failure\"} 0"), "{text}");
     }
 
     #[test]

@@ -82,15 +82,6 @@ async fn serve(config: Config) -> u8 {
     let metrics = Arc::new(Metrics::new());
     metrics.set_bundle_revision(policy.revision());
     let store = Arc::new(PolicyStore::new(policy));
-    let watcher = (!config.policy.reload_interval.is_zero()).then(|| {
-        BundleWatcher::spawn(
-            Arc::clone(&store),
-            config.policy.bundle.clone(),
-            config.policy.decision.clone(),
-            config.policy.reload_interval,
-            Arc::clone(&metrics) as _,
-        )
-    });
 
     let authorizer = Arc::new(Authorizer::new(Arc::clone(&store), Arc::clone(&sink), Arc::clone(&metrics) as _, config.audit.timeout));
     let authz = CheckServer::new(AuthzService::new(authorizer), config.listen.max_message_bytes);
@@ -139,6 +130,16 @@ async fn serve(config: Config) -> u8 {
         },
         None => None,
     };
+
+    let watcher = (!config.policy.reload_interval.is_zero()).then(|| {
+        BundleWatcher::spawn(
+            Arc::clone(&store),
+            config.policy.bundle.clone(),
+            config.policy.decision.clone(),
+            config.policy.reload_interval,
+            Arc::clone(&metrics) as _,
+        )
+    });
 
     readiness.set(true);
     metrics.set_ready(true);

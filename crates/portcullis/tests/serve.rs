@@ -452,3 +452,20 @@ async fn sigterm_drains_then_exits_zero() {
     let events = std::fs::read_to_string(setup.path("decisions.jsonl")).unwrap();
     assert_eq!(events.lines().count(), 1);
 }
+
+#[test]
+fn check_command_exits_1_on_malformed_decision() {
+    let setup = Setup::new("package envoy.authz\n\nallow := {\"allowed\": \"yes\"}\n");
+    let config = setup.config("  address: 127.0.0.1:0", free_port(), "");
+    let request = setup.path("request.json");
+    std::fs::write(&request, r#"{"attributes": {"request": {"http": {"method": "GET", "path": "/"}}}}"#).unwrap();
+
+    let output = run(&["check", "--config", config.to_str().unwrap(), "--request", request.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the policy did not produce a valid decision"), "{stderr}");
+
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["decision"]["allowed"], false);
+    assert_eq!(report["policy_result"], serde_json::json!({"allowed": "yes"}));
+}

@@ -67,7 +67,7 @@ impl<'a> Fields<'a> {
                 problems.push(problem(
                     &key_path,
                     Some(value.line),
-                    format!("secrets are not accepted inline; write it to a file and set `{key}_file` to its path"),
+                    "secrets are not accepted inline in the configuration; settings that need a secret take the path of a file that contains it".to_owned(),
                 ));
             } else if !known.contains(&key.as_str()) {
                 problems.push(problem(

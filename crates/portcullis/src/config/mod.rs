@@ -131,7 +131,7 @@ impl Config {
     /// the file's folder, so a configuration works from any working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-        let base_dir = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base_dir = path.parent().unwrap_or(Path::new(""));
         Config::parse(&text, base_dir).map_err(|problems| ConfigError::Invalid { path: path.to_owned(), problems })
     }
 
@@ -179,8 +179,16 @@ fn read_admin(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) ->
 fn read_policy(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) -> PolicyConfig {
     let fields = Fields::new(top.node("policy"), "policy", &["bundle", "decision", "reload_interval"], base_dir, problems);
     let bundle = fields.path("bundle", problems);
-    if bundle.is_none() && fields.node("bundle").is_none() {
-        problems.push(problem("policy.bundle", top.node("policy").map(|node| node.line), "missing; set it to a bundle folder or .tar.gz".to_owned()));
+    match &bundle {
+        None if fields.node("bundle").is_none() => {
+            problems.push(problem("policy.bundle", top.node("policy").map(|node| node.line), "missing; set it to a bundle folder or .tar.gz".to_owned()));
+        }
+        Some(path) if !path.exists() => problems.push(problem(
+            "policy.bundle",
+            fields.line_of("bundle"),
+            format!("{} not found; set it to a bundle folder or .tar.gz", path.display()),
+        )),
+        _ => {}
     }
 
     let decision = fields.string("decision", problems).unwrap_or_else(|| DEFAULT_DECISION.to_owned());
@@ -237,18 +245,32 @@ fn read_audit(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) ->
 fn read_log(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) -> LogConfig {
     let fields = Fields::new(top.node("log"), "log", &["level", "format"], base_dir, problems);
     let level = fields.string("level", problems).unwrap_or_else(|| "info".to_owned());
-    if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&level) {
-        problems.push(problem(
-            "log.level",
-            fields.line_of("level"),
-            format!("invalid log level {level:?}: {error}; use trace, debug, info, warn or error"),
-        ));
+    if let Err(message) = check_log_level(&level) {
+        problems.push(problem("log.level", fields.line_of("level"), message));
     }
     let format = match fields.choice("format", &["text", "json"], "text", problems).as_str() {
         "json" => LogFormat::Json,
         _ => LogFormat::Text,
     };
     LogConfig { level, format }
+}
+
+/// Checks a log filter: a plain level, or `tracing` directives such as `info,hyper=warn`.
+/// A bare word that is not a level would parse as a target name and silence every log,
+/// so it is rejected.
+fn check_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let expected = "use trace, debug, info, warn, error or off, or directives such as info,hyper=warn";
+    for directive in level.split(',').map(str::trim) {
+        let is_level = LEVELS.contains(&directive.to_ascii_lowercase().as_str());
+        if !is_level && !directive.contains('=') {
+            return Err(format!("invalid log level {directive:?} in {level:?}; {expected}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(level)
+        .map(|_| ())
+        .map_err(|error| format!("invalid log level {level:?}: {error}; {expected}"))
 }
 
 fn read_shutdown(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) -> ShutdownConfig {

@@ -3,8 +3,21 @@ use std::time::Duration;
 
 use super::*;
 
+/// A folder with the files the test configurations name: `bundle/`, `b/` and `bundle.tar.gz`.
+fn base_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bundle")).unwrap();
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        std::fs::write(dir.path().join("bundle.tar.gz"), b"").unwrap();
+        dir
+    })
+    .path()
+}
+
 fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-    Config::parse(text, Path::new("/etc/portcullis"))
+    Config::parse(text, base_dir())
 }
 
 fn rendered(problems: &[Problem]) -> Vec<String> {
@@ -19,7 +32,7 @@ fn minimal_config_takes_defaults() {
     assert_eq!(config.listen.unix_socket, None);
     assert_eq!(config.listen.max_message_bytes, 4 * 1024 * 1024);
     assert_eq!(config.admin.address, None);
-    assert_eq!(config.policy.bundle, Path::new("/etc/portcullis/bundle"));
+    assert_eq!(config.policy.bundle, base_dir().join("bundle"));
     assert_eq!(config.policy.decision, "envoy/authz/allow");
     assert_eq!(config.policy.reload_interval, Duration::from_secs(5));
     assert_eq!(config.audit.sink, SinkKind::Stdout);
@@ -41,7 +54,7 @@ listen:
 admin:
   address: 127.0.0.1:9192
 policy:
-  bundle: /srv/bundle.tar.gz
+  bundle: bundle.tar.gz
   decision: acme/http/decision
   reload_interval: 0
 audit:
@@ -62,11 +75,11 @@ shutdown:
     assert_eq!(config.listen.unix_socket.as_deref(), Some(Path::new("/run/portcullis/authz.sock")));
     assert_eq!(config.listen.max_message_bytes, 65536);
     assert_eq!(config.admin.address, Some("127.0.0.1:9192".parse().unwrap()));
-    assert_eq!(config.policy.bundle, Path::new("/srv/bundle.tar.gz"));
+    assert_eq!(config.policy.bundle, base_dir().join("bundle.tar.gz"));
     assert_eq!(config.policy.decision, "acme/http/decision");
     assert_eq!(config.policy.reload_interval, Duration::ZERO);
     assert_eq!(config.audit.sink, SinkKind::File);
-    assert_eq!(config.audit.path.as_deref(), Some(Path::new("/etc/portcullis/audit/decisions.jsonl")));
+    assert_eq!(config.audit.path, Some(base_dir().join("audit/decisions.jsonl")));
     assert!(!config.audit.fsync);
     assert_eq!(config.audit.timeout, Duration::from_millis(250));
     assert_eq!(config.log.format, LogFormat::Json);
@@ -117,7 +130,7 @@ fn inline_secret_is_rejected() {
     let problems = parse("listen:\n  address: 127.0.0.1:1\n  token: abc\npolicy:\n  bundle: b\n").unwrap_err();
     assert_eq!(
         rendered(&problems),
-        vec!["listen.token (line 3): secrets are not accepted inline; write it to a file and set `token_file` to its path"]
+        vec!["listen.token (line 3): secrets are not accepted inline in the configuration; settings that need a secret take the path of a file that contains it"]
     );
 }
 
@@ -182,4 +195,28 @@ fn decision_path_must_be_rego_names() {
     assert!(check_decision_path("envoy//allow").is_err());
     assert!(check_decision_path("").is_err());
     assert!(check_decision_path("data").is_err());
+}
+
+#[test]
+fn missing_bundle_is_reported_with_line() {
+    let problems = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: no-such-bundle\n").unwrap_err();
+    let expected = format!("policy.bundle (line 4): {} not found; set it to a bundle folder or .tar.gz", base_dir().join("no-such-bundle").display());
+    assert_eq!(rendered(&problems), vec![expected]);
+}
+
+#[test]
+fn misspelt_log_level_is_reported() {
+    let problems = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\nlog:\n  level: debg\n").unwrap_err();
+    assert_eq!(
+        rendered(&problems),
+        vec!["log.level (line 6): invalid log level \"debg\" in \"debg\"; use trace, debug, info, warn, error or off, or directives such as info,hyper=warn"]
+    );
+}
+
+#[test]
+fn log_directives_are_accepted() {
+    for level in ["info", "WARN", "debug,hyper=info", "portcullis_policy=trace", "off"] {
+        let text = format!("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\nlog:\n  level: \"{level}\"\n");
+        assert!(parse(&text).is_ok(), "{level}");
+    }
 }
