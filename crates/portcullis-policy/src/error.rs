@@ -118,6 +118,33 @@ pub enum PolicyError {
 
     #[error("policy check failed: {message}")]
     Check { message: String },
+
+    /// A call to a function that no module defines and that is not a regorus builtin.
+    ///
+    /// `function` is the name OPA reports: the full `data.` path when the call resolves
+    /// into the data document (through its package, an import or a `data.` reference),
+    /// otherwise the name as written. `line` and `column` locate the start of the name,
+    /// counted as regorus counts them for parse errors: from 1, with a tab advancing the
+    /// column by four.
+    #[error("{file}:{line}:{column}: undefined function {function}")]
+    UndefinedFunction {
+        file: String,
+        line: u32,
+        column: u32,
+        function: String,
+    },
+
+    /// A call to an OPA builtin that regorus does not implement, such as `io.jwt.decode`.
+    /// The location is counted as for [`PolicyError::UndefinedFunction`].
+    #[error(
+        "{file}:{line}:{column}: unsupported builtin {function}: OPA defines it, but the regorus engine does not implement it"
+    )]
+    UnsupportedBuiltin {
+        file: String,
+        line: u32,
+        column: u32,
+        function: String,
+    },
 }
 
 /// Failure to evaluate the decision rule for one input.

@@ -12,6 +12,7 @@ mod bundle;
 mod diagnostic;
 mod engine;
 mod error;
+mod function_calls;
 mod policy;
 mod rego_test;
 mod reload;

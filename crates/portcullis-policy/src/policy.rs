@@ -15,6 +15,7 @@ use crate::bundle::Bundle;
 use crate::diagnostic::one_line;
 use crate::engine::{build_engine, package_names};
 use crate::error::{EvalError, PolicyError};
+use crate::function_calls::check_function_calls;
 
 /// Default for [`CompileOptions::max_eval_time`]: one second.
 ///
@@ -104,10 +105,12 @@ impl Policy {
     /// Compiles `bundle` for the decision rule at `decision`.
     ///
     /// Test modules (`*_test.rego`) are left out. Fails when a module does not parse, a
-    /// package or data path lies outside the manifest roots, no rule exists at the decision
-    /// path, or a rule and a data value share a path.
+    /// package or data path lies outside the manifest roots, a rule calls a function that
+    /// is neither defined in the bundle nor a regorus builtin, no rule exists at the
+    /// decision path, or a rule and a data value share a path.
     // NOTE: regorus 0.14.1 reports some errors that OPA reports at compile time, such as
-    // unsafe variables, only when the affected rule is evaluated.
+    // unsafe variables and calls with the wrong number of arguments, only when the
+    // affected rule is evaluated.
     pub fn compile_with(
         bundle: &Bundle,
         decision: &str,
@@ -116,6 +119,7 @@ impl Policy {
         let rule = rule_for_decision_path(decision)?;
 
         let mut engine = build_engine(bundle, options.rego_v0, false)?;
+        check_function_calls(engine.get_modules())?;
         if let Some(limit) = options.max_eval_time {
             engine.set_execution_timer_config(ExecutionTimerConfig {
                 limit,

@@ -132,6 +132,36 @@ async fn broken_bundle_keeps_previous_policy_and_reports_once() {
 }
 
 #[tokio::test]
+async fn bundle_with_undefined_function_keeps_previous_policy() {
+    let folder = tempfile::tempdir().unwrap();
+    let policy_file = folder.path().join("envoy/authz/policy.rego");
+    write_files(
+        folder.path(),
+        &[("envoy/authz/policy.rego", &policy_source("1"))],
+    );
+    let store = store_for(folder.path());
+    let first_revision = store.current().revision().to_string();
+    let observer = Arc::new(RecordingObserver::default());
+    let watcher = spawn_watcher(&store, folder.path(), &observer);
+
+    // `allow` itself would evaluate, because no input reaches the misspelt call.
+    let misspelt =
+        "package envoy.authz\n\nallow := 2\n\nunused := no_such_function(1) if input.never\n";
+    replace_file(&policy_file, misspelt.as_bytes());
+    wait_until("the failure is reported", || !observer.failed().is_empty()).await;
+    tokio::time::sleep(POLL_INTERVAL * 10).await;
+    watcher.abort();
+
+    assert_eq!(
+        observer.failed(),
+        vec!["envoy/authz/policy.rego:5:11: undefined function no_such_function".to_string()]
+    );
+    assert_eq!(observer.reloaded(), Vec::<String>::new());
+    assert_eq!(store.current().revision(), first_revision);
+    assert_eq!(active_value(&store), Value::from(1u64));
+}
+
+#[tokio::test]
 async fn unreadable_archive_is_reported_once_then_recovers() {
     let folder = tempfile::tempdir().unwrap();
     let archive = folder.path().join("bundle.tar.gz");

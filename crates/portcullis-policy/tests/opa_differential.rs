@@ -1,5 +1,6 @@
 //! Differential tests against the real OPA binary: the example bundle must decide every
-//! input in `policies/example/testdata/inputs/` exactly as `opa eval` does.
+//! input in `policies/example/testdata/inputs/` exactly as `opa eval` does, and bundles
+//! with undefined function calls must fail to compile exactly where `opa check` rejects them.
 //!
 //! The binary is found through `PORTCULLIS_OPA`, then `opa` on `PATH`, then
 //! `$HOME/.cache/portcullis/bin/opa`. Without it the tests print `SKIPPED` and pass, unless
@@ -11,8 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::repository_bundle;
-use portcullis_policy::{Policy, load_bundle};
+use common::{repository_bundle, write_files};
+use portcullis_policy::{Policy, PolicyError, load_bundle};
 use serde_json::Value as JsonValue;
 
 const INSTALL_HINT: &str = "install it with `GOBIN=$HOME/.cache/portcullis/bin go install \
@@ -261,4 +262,313 @@ fn opa_built_archive_loads_like_the_folder() {
             input.display()
         );
     }
+}
+
+/// How both engines should treat one function call case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallOutcome {
+    Compiles,
+    /// Rejected because `function` is undefined at `line` of the policy file.
+    Undefined {
+        line: u32,
+        function: &'static str,
+    },
+    /// Accepted by OPA, rejected by portcullis because regorus lacks the builtin.
+    UnsupportedBuiltin {
+        line: u32,
+        function: &'static str,
+    },
+}
+
+struct CallCase {
+    name: &'static str,
+    /// Files besides `envoy/authz/policy.rego`.
+    other_files: &'static [(&'static str, &'static str)],
+    policy: &'static str,
+    expected: CallOutcome,
+}
+
+const LIB_DOUBLE: (&str, &str) = ("lib/lib.rego", "package lib\n\ndouble(x) := x * 2\n");
+
+const CALL_CASES: &[CallCase] = &[
+    CallCase {
+        name: "dotted and plain builtins",
+        other_files: &[],
+        policy: "package envoy.authz\n\nimport rego.v1\n\nallow if {\n\tjson.marshal({}) == \"{}\"\n\ttime.now_ns() > 0\n\turlquery.decode(\"a\") == \"a\"\n\tobject.get(input, \"a\", 1) == 1\n\tcount([]) == 0\n\tprint(\"x\")\n}\n",
+        expected: CallOutcome::Compiles,
+    },
+    CallCase {
+        name: "functions of the same package",
+        other_files: &[(
+            "envoy/authz/more.rego",
+            "package envoy.authz\n\nthird(x) := x\n",
+        )],
+        policy: "package envoy.authz\n\nallow if {\n\tdouble(1) == 2\n\tlimits.top(1) == 1\n\tfallback(1) == 0\n\tthird(1) == 1\n}\n\ndouble(x) := x * 2\n\nlimits.top(x) := x\n\ndefault fallback(_) := 0\n",
+        expected: CallOutcome::Compiles,
+    },
+    CallCase {
+        name: "functions of another package",
+        other_files: &[LIB_DOUBLE],
+        policy: "package envoy.authz\n\nimport data.lib\nimport data.lib as helpers\n\nallow if {\n\tdata.lib.double(1) == 2\n\tlib.double(1) == 2\n\thelpers.double(1) == 2\n\tlib[\"double\"](1) == 2\n}\n",
+        expected: CallOutcome::Compiles,
+    },
+    CallCase {
+        name: "future keywords import",
+        other_files: &[],
+        policy: "package envoy.authz\n\nimport future.keywords.in\n\nallow if \"a\" in split(\"a,b\", \",\")\n",
+        expected: CallOutcome::Compiles,
+    },
+    CallCase {
+        name: "unknown function in an unreached rule",
+        other_files: &[],
+        policy: "package envoy.authz\n\nallow := true\n\ntag := t if {\n\tinput.never\n\tt := no_such_function(1)\n}\n",
+        expected: CallOutcome::Undefined {
+            line: 7,
+            function: "no_such_function",
+        },
+    },
+    CallCase {
+        name: "misspelt dotted builtin",
+        other_files: &[],
+        policy: "package envoy.authz\n\nallow := json.marshall({}) == \"{}\"\n",
+        expected: CallOutcome::Undefined {
+            line: 3,
+            function: "json.marshall",
+        },
+    },
+    CallCase {
+        name: "import alias without the function",
+        other_files: &[LIB_DOUBLE],
+        policy: "package envoy.authz\n\nimport data.lib\n\nallow := lib.triple(1) == 3\n",
+        expected: CallOutcome::Undefined {
+            line: 5,
+            function: "data.lib.triple",
+        },
+    },
+    CallCase {
+        name: "package path without a function",
+        other_files: &[LIB_DOUBLE],
+        policy: "package envoy.authz\n\nallow := data.lib.triple(1) == 3\n",
+        expected: CallOutcome::Undefined {
+            line: 3,
+            function: "data.lib.triple",
+        },
+    },
+    CallCase {
+        name: "value rule called as a function",
+        other_files: &[],
+        policy: "package envoy.authz\n\nlimit := 3\n\nallow := limit(1)\n",
+        expected: CallOutcome::Undefined {
+            line: 5,
+            function: "data.envoy.authz.limit",
+        },
+    },
+    CallCase {
+        name: "rule shadowing a builtin namespace",
+        other_files: &[],
+        policy: "package envoy.authz\n\njson.indent := 2\n\nallow := json.marshal({}) == \"{}\"\n",
+        expected: CallOutcome::Undefined {
+            line: 5,
+            function: "data.envoy.authz.json.marshal",
+        },
+    },
+    CallCase {
+        name: "import of input",
+        other_files: &[],
+        policy: "package envoy.authz\n\nimport input.attributes\n\nallow := attributes.check(1)\n",
+        expected: CallOutcome::Undefined {
+            line: 5,
+            function: "input.attributes.check",
+        },
+    },
+    CallCase {
+        name: "call in a with modifier",
+        other_files: &[],
+        policy: "package envoy.authz\n\nallow if {\n\tinput.x == 1 with input as bad(1)\n}\n",
+        expected: CallOutcome::Undefined {
+            line: 4,
+            function: "bad",
+        },
+    },
+    CallCase {
+        name: "call in an else value",
+        other_files: &[],
+        policy: "package envoy.authz\n\nallow := 1 if false else := bad(1)\n",
+        expected: CallOutcome::Undefined {
+            line: 3,
+            function: "bad",
+        },
+    },
+    CallCase {
+        name: "OPA builtin missing from regorus",
+        other_files: &[],
+        policy: "package envoy.authz\n\nallow := io.jwt.decode(input.token)[1].admin\n",
+        expected: CallOutcome::UnsupportedBuiltin {
+            line: 3,
+            function: "io.jwt.decode",
+        },
+    },
+];
+
+/// Runs `opa check --bundle` and returns the line and message of its first error, or
+/// `None` when the bundle passes.
+fn opa_check_outcome(opa: &Path, bundle: &Path) -> Result<Option<(u32, String)>, String> {
+    let output = Command::new(opa)
+        .args(["check", "--format", "json", "--bundle"])
+        .arg(bundle)
+        .output()
+        .expect("opa check starts");
+    if output.status.success() {
+        return Ok(None);
+    }
+
+    let report: JsonValue = serde_json::from_slice(&output.stderr).map_err(|_| {
+        format!(
+            "opa check failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    let error = &report["errors"][0];
+    let message = error["message"].as_str().unwrap_or_default().to_string();
+    let line = error["location"]["row"].as_u64().unwrap_or_default() as u32;
+    Ok(Some((line, message)))
+}
+
+/// Returns whether `opa check` rejected the bundle at the line in `expected`, naming the
+/// same function. OPA words a call to a value rule as an arity error
+/// (`function data.p.limit has arity 0, got 1 argument`), so only the name is compared.
+fn opa_agrees(expected: CallOutcome, actual: &Option<(u32, String)>) -> bool {
+    match (expected, actual) {
+        (CallOutcome::Compiles | CallOutcome::UnsupportedBuiltin { .. }, None) => true,
+        (CallOutcome::Undefined { line, function }, Some((actual_line, message))) => {
+            *actual_line == line
+                && (message == &format!("undefined function {function}")
+                    || message.starts_with(&format!("function {function} has arity")))
+        }
+        _ => false,
+    }
+}
+
+/// Returns whether portcullis compiled or rejected the bundle as `expected` requires.
+fn portcullis_agrees(expected: CallOutcome, compiled: &Result<Policy, PolicyError>) -> bool {
+    const POLICY_FILE: &str = "envoy/authz/policy.rego";
+    match (expected, compiled) {
+        (CallOutcome::Compiles, Ok(_)) => true,
+        (
+            CallOutcome::Undefined { line, function },
+            Err(PolicyError::UndefinedFunction {
+                file,
+                line: actual_line,
+                function: actual_function,
+                ..
+            }),
+        )
+        | (
+            CallOutcome::UnsupportedBuiltin { line, function },
+            Err(PolicyError::UnsupportedBuiltin {
+                file,
+                line: actual_line,
+                function: actual_function,
+                ..
+            }),
+        ) => file == POLICY_FILE && *actual_line == line && actual_function == function,
+        _ => false,
+    }
+}
+
+#[test]
+fn undefined_function_checks_match_opa_check() {
+    let Some(opa) = find_opa("undefined_function_checks_match_opa_check") else {
+        return;
+    };
+
+    let mut mismatches = Vec::new();
+    for case in CALL_CASES {
+        let folder = tempfile::tempdir().unwrap();
+        write_files(folder.path(), &[("envoy/authz/policy.rego", case.policy)]);
+        write_files(folder.path(), case.other_files);
+
+        let opa_actual = opa_check_outcome(&opa, folder.path());
+        let bundle = load_bundle(folder.path()).expect("case bundle loads");
+        let portcullis_actual = Policy::compile(&bundle, "envoy/authz/allow");
+
+        if !opa_actual
+            .as_ref()
+            .is_ok_and(|actual| opa_agrees(case.expected, actual))
+        {
+            mismatches.push(format!(
+                "{}: opa check expected {:?}, got {opa_actual:?}",
+                case.name, case.expected
+            ));
+        }
+        if !portcullis_agrees(case.expected, &portcullis_actual) {
+            mismatches.push(format!(
+                "{}: portcullis expected {:?}, got {portcullis_actual:?}",
+                case.name, case.expected
+            ));
+        }
+    }
+
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn opa_builtins_missing_from_regorus_are_unsupported() {
+    let Some(opa) = find_opa("opa_builtins_missing_from_regorus_are_unsupported") else {
+        return;
+    };
+    let output = Command::new(&opa)
+        .args(["capabilities", "--current"])
+        .output()
+        .expect("opa capabilities starts");
+    assert!(output.status.success(), "opa capabilities failed");
+    let capabilities: JsonValue =
+        serde_json::from_slice(&output.stdout).expect("opa prints capabilities as JSON");
+    let opa_builtins: Vec<&str> = capabilities["builtins"]
+        .as_array()
+        .expect("capabilities list builtins")
+        .iter()
+        .filter_map(|builtin| builtin["name"].as_str())
+        .collect();
+    assert!(
+        opa_builtins.len() > 150,
+        "only {} builtins",
+        opa_builtins.len()
+    );
+
+    // Every OPA builtin compiles, either as a regorus builtin or rejected as unsupported,
+    // never as undefined. Arguments are not checked, so one argument fits every name.
+    let mut undefined = Vec::new();
+    for name in opa_builtins {
+        let folder = tempfile::tempdir().unwrap();
+        let policy = format!("package envoy.authz\n\nallow := {name}(1)\n");
+        write_files(folder.path(), &[("envoy/authz/policy.rego", &policy)]);
+        let bundle = load_bundle(folder.path()).unwrap();
+
+        match Policy::compile(&bundle, "envoy/authz/allow") {
+            Ok(_) => {
+                assert!(
+                    name == "print" || regorus::unstable::BUILTINS.contains_key(name),
+                    "{name} compiled but is no regorus builtin"
+                );
+            }
+            Err(PolicyError::UnsupportedBuiltin { function, .. }) => {
+                assert_eq!(function, name);
+                assert!(!regorus::unstable::BUILTINS.contains_key(name));
+            }
+            Err(other) => undefined.push(format!("{name}: {other}")),
+        }
+    }
+
+    assert!(
+        undefined.is_empty(),
+        "OPA builtins rejected as something other than unsupported \
+         (add missing ones to OPA_BUILTINS_MISSING_FROM_REGORUS):\n{}",
+        undefined.join("\n")
+    );
 }
