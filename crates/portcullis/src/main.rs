@@ -6,6 +6,7 @@
 mod admin;
 mod check;
 mod config;
+mod inject;
 mod listener;
 mod logging;
 mod metrics;
@@ -62,6 +63,13 @@ enum Command {
         #[arg(long, short, value_name = "FILE.json")]
         request: PathBuf,
     },
+    /// Run the Kubernetes admission webhook that injects the portcullis sidecar into pods
+    /// (AdmissionReview v1 over TLS). The Helm chart in charts/portcullis deploys it.
+    Inject {
+        /// The injector's YAML configuration file (see docs/helm.md).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Serve { config } => serve::run(&config),
         Command::Check { config, request } => check::run(&config, &request),
+        Command::Inject { config } => inject::run(&config),
         Command::Config { command: ConfigCommand::Validate { file } } => check::validate(&file),
     };
     ExitCode::from(code)

@@ -205,7 +205,7 @@ async fn stopped(mut flag: watch::Receiver<bool>) {
 }
 
 /// Waits for SIGTERM or SIGINT and names it.
-async fn termination_signal() -> &'static str {
+pub async fn termination_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         error!("cannot install signal handlers; stop the process with SIGKILL");
