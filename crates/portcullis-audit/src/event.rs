@@ -15,6 +15,11 @@ pub struct DecisionEvent {
     /// The request as summarised by the authorization service (method, authority, path,
     /// addresses, principals, request id). Raw headers and bodies are never included.
     pub request: serde_json::Value,
+    /// The caller's identity when token verification is configured: the outcome (`valid`,
+    /// `no_token` or why the token was rejected), provider, issuer, subject, key id,
+    /// algorithm and token fingerprint. Never the token itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<serde_json::Value>,
     pub decision: EventDecision,
     pub policy: EventPolicy,
     /// Time from the arrival of the check to the decision, before recording the event.

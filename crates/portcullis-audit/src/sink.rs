@@ -251,6 +251,7 @@ mod tests {
             decision_id: id.to_owned(),
             time: "2026-01-01T00:00:00.000000Z".to_owned(),
             request: serde_json::json!({"method": "GET", "path": "/a"}),
+            identity: None,
             decision: EventDecision { allowed: true, http_status: 200, reason: None },
             policy: EventPolicy {
                 bundle_revision: "r1".to_owned(),

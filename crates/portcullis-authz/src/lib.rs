@@ -7,6 +7,7 @@
 
 pub mod decision;
 pub mod grpc;
+pub mod identity;
 pub mod input;
 pub mod protojson;
 pub mod service;

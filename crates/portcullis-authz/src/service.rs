@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::decision::{Decision, check_response, parse_decision};
+use crate::identity::{Authentication, IdentityCheck, OnInvalidToken, identity_document, identity_error_document, identity_event};
 use crate::input::{InputError, RequestSummary, build_input};
+use portcullis_jwt::TokenOutcome;
 
 /// Status sent when portcullis itself cannot decide (policy error, undefined or malformed
 /// decision). Envoy also sends 403 when an ext_authz call fails, so clients see the same status
@@ -22,6 +24,10 @@ const INTERNAL_DENY_STATUS: u16 = 403;
 const AUDIT_UNAVAILABLE_STATUS: u16 = 503;
 /// Status for a body that cannot be parsed under its declared media type.
 const MALFORMED_BODY_STATUS: u16 = 400;
+/// Status for a request whose token is present but invalid (RFC 6750, section 3.1).
+const INVALID_TOKEN_STATUS: u16 = 401;
+/// Status when a token cannot be verified because its provider's keys are unavailable.
+const KEYS_UNAVAILABLE_STATUS: u16 = 503;
 
 /// Receives the outcome of every check, for metrics.
 pub trait CheckObserver: Send + Sync {
@@ -33,7 +39,7 @@ pub trait CheckObserver: Send + Sync {
 pub struct CheckSummary {
     pub allowed: bool,
     pub http_status: u16,
-    /// Reason portcullis denied on its own, as a short stable label (`malformed_body`,
+    /// Reason portcullis denied on its own, as a short stable label (`invalid_token`, `keys_unavailable`, `malformed_body`,
     /// `policy_error`, `invalid_decision`, `audit_failed`). `None` when the policy decided.
     pub denied_by: Option<&'static str>,
     pub latency: Duration,
@@ -68,6 +74,7 @@ pub struct Authorizer {
     sink: Arc<dyn DecisionSink>,
     observer: Arc<dyn CheckObserver>,
     audit_timeout: Duration,
+    authentication: Option<Authentication>,
 }
 
 /// A decision and how it came about, before it is recorded.
@@ -85,7 +92,13 @@ impl Authorizer {
         observer: Arc<dyn CheckObserver>,
         audit_timeout: Duration,
     ) -> Self {
-        Self { policies, sink, observer, audit_timeout }
+        Self { policies, sink, observer, audit_timeout, authentication: None }
+    }
+
+    /// Verifies callers' tokens before the policy runs.
+    pub fn with_authentication(mut self, authentication: Authentication) -> Self {
+        self.authentication = Some(authentication);
+        self
     }
 
     /// Decides one request and records its event. The response is only returned once the
@@ -97,7 +110,12 @@ impl Authorizer {
         let policy = self.policies.current();
         let summary = RequestSummary::from_request(&request);
 
-        let mut verdict = decide(&request, &policy, &decision_id);
+        let identity = match &self.authentication {
+            Some(authentication) => Some(authentication.check(&request).await),
+            None => None,
+        };
+        let on_invalid_token = self.authentication.as_ref().map_or(OnInvalidToken::Deny, |a| a.on_invalid_token);
+        let mut verdict = decide(&request, &policy, &decision_id, identity.as_ref(), on_invalid_token);
         let latency = started.elapsed();
 
         let mut event = DecisionEvent {
@@ -105,6 +123,7 @@ impl Authorizer {
             decision_id: decision_id.clone(),
             time: format_rfc3339(time),
             request: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
+            identity: identity.as_ref().map(|identity| identity_event(&identity.outcome)),
             decision: event_decision(&verdict),
             policy: EventPolicy {
                 bundle_revision: policy.revision().to_owned(),
@@ -149,8 +168,30 @@ impl Authorizer {
     }
 }
 
-fn decide(request: &CheckRequest, policy: &Policy, decision_id: &str) -> Verdict {
-    let input = match build_input(request) {
+fn decide(
+    request: &CheckRequest,
+    policy: &Policy,
+    decision_id: &str,
+    identity: Option<&IdentityCheck>,
+    on_invalid_token: OnInvalidToken,
+) -> Verdict {
+    if let Some(TokenOutcome::Invalid(invalid)) = identity.map(|identity| &identity.outcome)
+        && !invalid.reason.is_caller_fault()
+    {
+        // The token may be fine: the provider's keys could not be fetched. Envoy may retry.
+        let decision = Decision::deny(KEYS_UNAVAILABLE_STATUS, format!("token not verified: {}", invalid.message));
+        return Verdict { input: None, policy_result: None, decision, denied_by: Some("keys_unavailable") };
+    }
+    if let Some(TokenOutcome::Invalid(invalid)) = identity.map(|identity| &identity.outcome)
+        && on_invalid_token == OnInvalidToken::Deny
+    {
+        let mut decision = Decision::deny(INVALID_TOKEN_STATUS, format!("invalid token: {}", invalid.message));
+        decision.headers.push(("www-authenticate".to_owned(), invalid.www_authenticate()));
+        decision.body = Some(format!("invalid token: {}\n", invalid.message));
+        return Verdict { input: None, policy_result: None, decision, denied_by: Some("invalid_token") };
+    }
+
+    let mut input = match build_input(request) {
         Ok(input) => input,
         Err(InputError::MalformedBody { reason, .. }) => {
             let mut decision = Decision::deny(MALFORMED_BODY_STATUS, reason.clone());
@@ -158,6 +199,10 @@ fn decide(request: &CheckRequest, policy: &Policy, decision_id: &str) -> Verdict
             return Verdict { input: None, policy_result: None, decision, denied_by: Some("malformed_body") };
         }
     };
+
+    if let Some(identity) = identity {
+        add_identity(&mut input.document, &identity.outcome);
+    }
 
     let result = match policy.evaluate(input.document.clone()) {
         Ok(result) => result,
@@ -169,13 +214,43 @@ fn decide(request: &CheckRequest, policy: &Policy, decision_id: &str) -> Verdict
     };
 
     match parse_decision(&result) {
-        Ok(decision) => Verdict { input: Some(input.document), policy_result: Some(result), decision, denied_by: None },
+        Ok(mut decision) => {
+            if let Some(identity) = identity.filter(|_| decision.allowed) {
+                apply_upstream_headers(&mut decision, identity);
+            }
+            Verdict { input: Some(input.document), policy_result: Some(result), decision, denied_by: None }
+        }
         Err(error) => {
             warn!(decision.id = %decision_id, policy.revision = policy.revision(), policy.decision = policy.decision_path(), %error, "invalid policy decision; denying");
             let decision = Decision::deny(INTERNAL_DENY_STATUS, format!("invalid policy decision: {error}"));
             Verdict { input: Some(input.document), policy_result: Some(result), decision, denied_by: Some("invalid_decision") }
         }
     }
+}
+
+/// Adds `input.identity` for a verified caller, or `input.identity_error` for an invalid
+/// token that the policy is asked to judge.
+fn add_identity(document: &mut regorus::Value, outcome: &TokenOutcome) {
+    let (key, value) = match outcome {
+        TokenOutcome::NoToken => return,
+        TokenOutcome::Valid(identity) => ("identity", identity_document(identity)),
+        TokenOutcome::Invalid(invalid) => ("identity_error", identity_error_document(invalid)),
+    };
+    let Ok(value) = serde_json::from_value::<regorus::Value>(value) else { return };
+    if let Ok(object) = document.as_object_mut() {
+        object.insert(regorus::Value::from(key), value);
+    }
+}
+
+/// Adds the identity's header changes to an allowed request: claims copied into headers, the
+/// token removed when it is not forwarded, and claim headers a client may have forged removed.
+fn apply_upstream_headers(decision: &mut Decision, identity: &IdentityCheck) {
+    let upstream = &identity.upstream;
+    let mut headers = upstream.set.clone();
+    headers.append(&mut decision.headers);
+    decision.headers = headers;
+    decision.request_headers_to_remove.extend(upstream.remove.iter().cloned());
+    decision.query_parameters_to_remove.extend(upstream.remove_query_parameters.iter().cloned());
 }
 
 fn event_decision(verdict: &Verdict) -> EventDecision {

@@ -15,7 +15,7 @@ use portcullis_policy::PolicyStore;
 use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError};
-use crate::serve::load_policy;
+use crate::serve::{load_policy, start_authentication};
 use crate::{EXIT_BUNDLE, EXIT_CONFIG, EXIT_FAILURE};
 
 /// Decides the CheckRequest in `request_path` with the configured policy and prints the
@@ -50,8 +50,23 @@ pub fn run(config_path: &Path, request_path: &Path) -> u8 {
             return EXIT_FAILURE;
         }
     };
-    let authorizer = Authorizer::new(Arc::new(PolicyStore::new(policy)), Arc::new(NullSink), Arc::new(NoObserver), config.audit.timeout);
-    let outcome = runtime.block_on(authorizer.check(request));
+    let outcome = runtime.block_on(async {
+        let mut authorizer = Authorizer::new(Arc::new(PolicyStore::new(policy)), Arc::new(NullSink), Arc::new(NoObserver), config.audit.timeout);
+        if let Some(jwt) = &config.jwt {
+            match start_authentication(jwt, Arc::new(portcullis_jwt::NoopObserver)).await {
+                Ok(authentication) => authorizer = authorizer.with_authentication(authentication),
+                Err(message) => return Err(message),
+            }
+        }
+        Ok(authorizer.check(request).await)
+    });
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(message) => {
+            eprintln!("portcullis: {message}");
+            return EXIT_CONFIG;
+        }
+    };
 
     let report = json!({
         "input": outcome.input.as_ref().map(to_json),

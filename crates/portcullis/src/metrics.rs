@@ -25,6 +25,27 @@ struct RevisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    provider: String,
+    /// `valid`, `no_token` or the reason a token was rejected.
+    outcome: String,
+    /// `true` when the verified-token cache answered.
+    cached: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    provider: String,
+    /// `success` or `failure`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     /// `success` or `failure`.
     result: &'static str,
@@ -39,6 +60,9 @@ pub struct Metrics {
     bundle_reloads: Family<ReloadLabels, Counter>,
     bundle_last_reload_failed: Gauge,
     ready: Gauge,
+    jwt_verifications: Family<TokenLabels, Counter>,
+    jwks_refreshes: Family<RefreshLabels, Counter>,
+    jwks_key_age: Family<ProviderLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Metrics {
@@ -68,6 +92,13 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register("ready", "1 when the sidecar is ready to answer checks", ready.clone());
 
+        let jwt_verifications = Family::<TokenLabels, Counter>::default();
+        registry.register("jwt_verifications", "JWT checks by provider, outcome and whether the verified-token cache answered", jwt_verifications.clone());
+        let jwks_refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register("jwks_refreshes", "JWKS and OIDC discovery fetches by provider and result", jwks_refreshes.clone());
+        let jwks_key_age = Family::<ProviderLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("jwks_key_age_seconds", "age of each provider's current key set", jwks_key_age.clone());
+
         // Series that dashboards and alerts query exist from the start, at zero.
         let _ = checks.get_or_create(&CheckLabels { outcome: "allowed", denied_by: "none" });
         let _ = checks.get_or_create(&CheckLabels { outcome: "denied", denied_by: "policy" });
@@ -82,6 +113,9 @@ impl Metrics {
             bundle_reloads,
             bundle_last_reload_failed,
             ready,
+            jwt_verifications,
+            jwks_refreshes,
+            jwks_key_age,
         }
     }
 
@@ -117,6 +151,29 @@ impl CheckObserver for Metrics {
         };
         self.checks.get_or_create(&labels).inc();
         self.check_duration.observe(outcome.latency.as_secs_f64());
+    }
+}
+
+impl portcullis_jwt::JwtObserver for Metrics {
+    fn token_checked(&self, provider: Option<&str>, outcome: &str, from_cache: bool) {
+        let labels = TokenLabels {
+            provider: provider.unwrap_or("none").to_owned(),
+            outcome: outcome.to_owned(),
+            cached: if from_cache { "true" } else { "false" },
+        };
+        self.jwt_verifications.get_or_create(&labels).inc();
+    }
+
+    fn jwks_refreshed(&self, provider: &str, _key_count: usize, _skipped_count: usize) {
+        self.jwks_refreshes.get_or_create(&RefreshLabels { provider: provider.to_owned(), result: "success" }).inc();
+    }
+
+    fn jwks_refresh_failed(&self, provider: &str, _error: &portcullis_jwt::FetchError) {
+        self.jwks_refreshes.get_or_create(&RefreshLabels { provider: provider.to_owned(), result: "failure" }).inc();
+    }
+
+    fn key_age(&self, provider: &str, age: std::time::Duration) {
+        self.jwks_key_age.get_or_create(&ProviderLabels { provider: provider.to_owned() }).set(age.as_secs_f64());
     }
 }
 

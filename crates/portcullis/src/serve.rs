@@ -15,7 +15,9 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{AuditConfig, Config, SinkKind};
+use crate::config::{AuditConfig, Config, InvalidTokenAction, JwtConfig, SinkKind};
+use portcullis_authz::identity::{Authentication, OnInvalidToken};
+use portcullis_jwt::{JwtObserver, Verifier};
 use crate::metrics::Metrics;
 use crate::{EXIT_BUNDLE, EXIT_CONFIG, EXIT_FAILURE, listener, logging};
 
@@ -44,6 +46,32 @@ pub fn run(config_path: &Path) -> u8 {
 pub fn load_policy(bundle: &Path, decision: &str) -> Result<Policy, String> {
     let loaded = load_bundle(bundle).map_err(|error| format!("cannot load policy bundle {}: {error}", bundle.display()))?;
     Policy::compile(&loaded, decision).map_err(|error| format!("cannot compile policy bundle {}: {error}", bundle.display()))
+}
+
+/// Builds the token verifier of the `jwt` section and fetches the providers' keys once.
+/// A provider whose keys cannot be fetched is logged; its tokens are rejected until a
+/// background retry succeeds.
+pub async fn start_authentication(jwt: &JwtConfig, observer: Arc<dyn JwtObserver>) -> Result<Authentication, String> {
+    let verifier = Verifier::builder(jwt.verifier.clone())
+        .observer(observer)
+        .build()
+        .map_err(|error| error.to_string())?;
+    for status in verifier.start().await {
+        if status.usable {
+            info!(jwt.provider = %status.provider, keys = status.key_count, skipped = status.skipped_keys.len(), "JWT provider keys loaded");
+        } else {
+            let error = status.last_error.map(|error| error.to_string()).unwrap_or_default();
+            warn!(jwt.provider = %status.provider, %error, "JWT provider keys not available yet; its tokens are rejected until a retry succeeds");
+        }
+        for skipped in &status.skipped_keys {
+            warn!(jwt.provider = %status.provider, key = ?skipped, "JWKS key skipped");
+        }
+    }
+    let on_invalid_token = match jwt.invalid_token {
+        InvalidTokenAction::Deny => OnInvalidToken::Deny,
+        InvalidTokenAction::Policy => OnInvalidToken::EvaluatePolicy,
+    };
+    Ok(Authentication { verifier: Arc::new(verifier), on_invalid_token })
 }
 
 /// Opens the configured decision sink.
@@ -83,7 +111,17 @@ async fn serve(config: Config) -> u8 {
     metrics.set_bundle_revision(policy.revision());
     let store = Arc::new(PolicyStore::new(policy));
 
-    let authorizer = Arc::new(Authorizer::new(Arc::clone(&store), Arc::clone(&sink), Arc::clone(&metrics) as _, config.audit.timeout));
+    let mut authorizer = Authorizer::new(Arc::clone(&store), Arc::clone(&sink), Arc::clone(&metrics) as _, config.audit.timeout);
+    if let Some(jwt) = &config.jwt {
+        match start_authentication(jwt, Arc::clone(&metrics) as _).await {
+            Ok(authentication) => authorizer = authorizer.with_authentication(authentication),
+            Err(message) => {
+                error!(error = %message, "invalid JWT configuration; stopping");
+                return EXIT_CONFIG;
+            }
+        }
+    }
+    let authorizer = Arc::new(authorizer);
     let authz = CheckServer::new(AuthzService::new(authorizer), config.listen.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CheckServer>().await;

@@ -469,3 +469,129 @@ fn check_command_exits_1_on_malformed_decision() {
     assert_eq!(report["decision"]["allowed"], false);
     assert_eq!(report["policy_result"], serde_json::json!({"allowed": "yes"}));
 }
+
+// Token verification.
+
+const JWT_POLICY: &str = r#"package envoy.authz
+
+default allow := false
+
+allow if input.identity.subject == "alice"
+"#;
+
+const ISSUER: &str = "https://issuer.test";
+const FIXTURE_KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../portcullis-jwt/tests/fixtures/keys/rsa-a.pem");
+
+/// Writes a JWKS with the public half of the RSA test key, under kid `k1`.
+fn write_jwks(setup: &Setup) -> jsonwebtoken::EncodingKey {
+    let pem = std::fs::read(FIXTURE_KEY).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, jsonwebtoken::Algorithm::RS256).unwrap();
+    let mut jwk = serde_json::to_value(jwk).unwrap();
+    jwk["kid"] = serde_json::json!("k1");
+    std::fs::write(setup.path("jwks.json"), serde_json::json!({"keys": [jwk]}).to_string()).unwrap();
+    key
+}
+
+fn token(key: &jsonwebtoken::EncodingKey, subject: &str, expires_in: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("k1".to_owned());
+    let claims = serde_json::json!({"iss": ISSUER, "sub": subject, "aud": "portcullis", "iat": now, "exp": now + expires_in});
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+fn jwt_config(setup: &Setup, port: u16) -> PathBuf {
+    let extra = format!(
+        "jwt:\n  providers:\n    - name: test\n      issuer: {ISSUER}\n      audiences: [portcullis]\n      jwks_file: jwks.json\n      claims_to_headers:\n        - {{claim: sub, header: x-jwt-sub}}\n"
+    );
+    setup.config(&format!("  address: 127.0.0.1:{port}"), free_port(), &extra)
+}
+
+fn ok_headers(response: &CheckResponse) -> (Vec<(String, String)>, Vec<String>) {
+    match &response.http_response {
+        Some(HttpResponse::OkResponse(ok)) => (
+            ok.headers.iter().filter_map(|option| option.header.as_ref()).map(|h| (h.key.clone(), h.value.clone())).collect(),
+            ok.headers_to_remove.clone(),
+        ),
+        other => panic!("expected an ok response, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_token_reaches_policy_as_identity() {
+    let setup = Setup::new(JWT_POLICY);
+    let key = write_jwks(&setup);
+    let port = free_port();
+    let config = jwt_config(&setup, port);
+    let sidecar = Sidecar::start(&config, setup.path("log.txt"));
+    let mut client = AuthorizationClient::new(tcp_channel(port).await);
+
+    let alice = token(&key, "alice", 300);
+    let bearer = format!("Bearer {alice}");
+    let response = client.check(check_request("GET", "/a", &[("authorization", &bearer), ("x-jwt-sub", "forged")], "")).await.unwrap().into_inner();
+    assert_eq!(response.status.as_ref().unwrap().code, 0);
+    let (headers, removed) = ok_headers(&response);
+    assert_eq!(headers, vec![("x-jwt-sub".to_owned(), "alice".to_owned())]);
+    assert!(removed.contains(&"authorization".to_owned()), "the token is not forwarded: {removed:?}");
+
+    let bob = format!("Bearer {}", token(&key, "bob", 300));
+    let denied = client.check(check_request("GET", "/a", &[("authorization", &bob)], "")).await.unwrap().into_inner();
+    assert_eq!(denied_status(&denied), Some(403), "the policy denies other subjects");
+
+    let events = std::fs::read_to_string(setup.path("decisions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(first["identity"]["outcome"], "valid");
+    assert_eq!(first["identity"]["subject"], "alice");
+    assert_eq!(first["identity"]["kid"], "k1");
+    assert_eq!(first["identity"]["token_fingerprint"].as_str().unwrap().len(), 16);
+    assert!(!events.contains(&alice), "the raw token is never recorded");
+    assert!(!sidecar.log_text().contains(&alice), "the raw token is never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_token_is_denied_with_401() {
+    let setup = Setup::new(JWT_POLICY);
+    let key = write_jwks(&setup);
+    let port = free_port();
+    let config = jwt_config(&setup, port);
+    let _sidecar = Sidecar::start(&config, setup.path("log.txt"));
+    let mut client = AuthorizationClient::new(tcp_channel(port).await);
+
+    let expired = format!("Bearer {}", token(&key, "alice", -3600));
+    let response = client.check(check_request("GET", "/a", &[("authorization", &expired)], "")).await.unwrap().into_inner();
+    assert_eq!(denied_status(&response), Some(401));
+    match &response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            let header = denied.headers.iter().filter_map(|option| option.header.as_ref()).find(|h| h.key == "www-authenticate").unwrap();
+            assert!(header.value.starts_with("Bearer error=\"invalid_token\", error_description=\""), "{}", header.value);
+        }
+        other => panic!("expected a denied response, got {other:?}"),
+    }
+
+    // Change a character in the middle of the signature; the last one may only hold padding bits.
+    let valid = token(&key, "alice", 300);
+    let middle = valid.rfind('.').unwrap() + 100;
+    let replacement = if &valid[middle..=middle] == "A" { "B" } else { "A" };
+    let tampered = format!("{}{replacement}{}", &valid[..middle], &valid[middle + 1..]);
+    let response = client.check(check_request("GET", "/a", &[("authorization", &format!("bearer {tampered}"))], "")).await.unwrap().into_inner();
+    assert_eq!(denied_status(&response), Some(401), "a bad signature is rejected, whatever the case of the scheme");
+
+    let events = std::fs::read_to_string(setup.path("decisions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(first["identity"]["outcome"], "expired");
+    assert_eq!(first["decision"]["http_status"], 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_without_token_is_left_to_policy() {
+    let setup = Setup::new("package envoy.authz\n\nallow if not input.identity\n");
+    write_jwks(&setup);
+    let port = free_port();
+    let config = jwt_config(&setup, port);
+    let _sidecar = Sidecar::start(&config, setup.path("log.txt"));
+    let mut client = AuthorizationClient::new(tcp_channel(port).await);
+
+    let response = client.check(check_request("GET", "/a", &[], "")).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0, "the policy sees no identity and allows");
+}

@@ -188,6 +188,34 @@ impl<'a> Fields<'a> {
         Some(self.base_dir.join(text))
     }
 
+    /// The items of a sequence at `key`; a missing key is an empty list.
+    pub fn sequence(&self, key: &str, problems: &mut Vec<Problem>) -> &'a [Node] {
+        let Some(node) = self.node(key) else { return &[] };
+        match &node.value {
+            NodeValue::Sequence(items) => items.as_slice(),
+            other => {
+                problems.push(problem(&self.path_of(key), Some(node.line), format!("expected a sequence, found {}", other.kind())));
+                &[]
+            }
+        }
+    }
+
+    /// A sequence of strings at `key`; a missing key is an empty list.
+    pub fn strings(&self, key: &str, problems: &mut Vec<Problem>) -> Vec<String> {
+        let mut strings = Vec::new();
+        for (index, item) in self.sequence(key, problems).iter().enumerate() {
+            match &item.value {
+                NodeValue::String(text) => strings.push(text.clone()),
+                other => problems.push(problem(
+                    &format!("{}[{index}]", self.path_of(key)),
+                    Some(item.line),
+                    format!("expected a string, found {}", other.kind()),
+                )),
+            }
+        }
+        strings
+    }
+
     /// One of `choices`.
     pub fn choice(&self, key: &str, choices: &[&str], default: &str, problems: &mut Vec<Problem>) -> String {
         let Some(text) = self.string(key, problems) else { return default.to_owned() };

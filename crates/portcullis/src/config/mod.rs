@@ -2,6 +2,7 @@
 //! reported by key path and line. `docs/configuration.md` documents each key.
 
 mod fields;
+mod jwt;
 mod yaml;
 
 use std::fmt;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use fields::Problem;
+pub use jwt::{InvalidTokenAction, JwtConfig};
 use fields::{Fields, problem};
 
 /// Default size limit of one gRPC message. A CheckRequest carries the request headers and
@@ -41,6 +43,8 @@ pub struct Config {
     pub audit: AuditConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    /// Token verification; `None` when no provider is configured.
+    pub jwt: Option<JwtConfig>,
 }
 
 /// Listeners for ext_authz gRPC checks.
@@ -143,7 +147,7 @@ impl Config {
         };
 
         let mut problems = Vec::new();
-        let top = Fields::new(Some(&root), "", &["listen", "admin", "policy", "audit", "log", "shutdown"], base_dir, &mut problems);
+        let top = Fields::new(Some(&root), "", &["listen", "admin", "policy", "audit", "log", "shutdown", "jwt"], base_dir, &mut problems);
         let config = Config {
             listen: read_listen(&top, base_dir, &mut problems),
             admin: read_admin(&top, base_dir, &mut problems),
@@ -151,7 +155,15 @@ impl Config {
             audit: read_audit(&top, base_dir, &mut problems),
             log: read_log(&top, base_dir, &mut problems),
             shutdown: read_shutdown(&top, base_dir, &mut problems),
+            jwt: jwt::read_jwt(top.node("jwt"), base_dir, &mut problems),
         };
+        if let Some(jwt) = &config.jwt
+            && let Err(error) = portcullis_jwt::Verifier::new(jwt.verifier.clone())
+        {
+            for reported in &error.problems {
+                problems.push(problem("jwt", top.line_of("jwt"), reported.to_string()));
+            }
+        }
         if problems.is_empty() { Ok(config) } else { Err(problems) }
     }
 }
