@@ -92,9 +92,10 @@ Whether the audit mode keeps files in the spool emptyDir.
 {{/*
 The sidecar's config.yaml. The paths of the policy bundle, the Vault token and the audit
 spool are where the injector mounts them (see crates/portcullis-inject/src/sidecar.rs).
-NOTE: docs/configuration.md does not define the keys rendered for JWT providers, Kafka,
-the spool, Vault and a bundle URL yet. These names are provisional and may need
-sidecar.configOverrides until the sidecar reads them.
+JWT providers are passed through as the sidecar's jwt.providers (docs/configuration.md).
+NOTE: docs/configuration.md does not define the keys rendered for Kafka, the spool, Vault
+and a bundle URL yet. These names are provisional and may need sidecar.configOverrides
+until the sidecar reads them.
 */}}
 {{- define "portcullis.sidecarConfig" -}}
 {{- $config := dict }}

@@ -736,11 +736,15 @@ fn rendered_sidecar_config_passes_config_validate() {
         return;
     }
 
-    // Only settings whose configuration keys the sidecar reads today: the default policy and
-    // the audit modes stdout, file and none.
+    // Only settings whose configuration keys the sidecar reads today: the default policy,
+    // JWT providers and the audit modes stdout, file and none.
     for settings in [
         &[][..],
         &["--set", "audit.mode=file"],
+        &[
+            "--set-json",
+            r#"jwt.providers=[{"name":"keycloak","issuer":"https://keycloak.example/realms/shop","discovery":true,"audiences":["shop"],"claims_to_headers":[{"claim":"sub","header":"x-jwt-sub"}]}]"#,
+        ],
         &[
             "--set",
             "audit.mode=none",
