@@ -220,6 +220,23 @@ mod tests {
     }
 
     #[test]
+    fn token_checks_and_refreshes_are_counted() {
+        use portcullis_jwt::JwtObserver;
+
+        let metrics = Metrics::new();
+        metrics.token_checked(Some("keycloak"), "valid", true);
+        metrics.token_checked(Some("keycloak"), "expired", false);
+        metrics.jwks_refreshed("keycloak", 2, 1);
+        metrics.key_age("keycloak", Duration::from_secs(90));
+
+        let text = metrics.render();
+        assert!(text.contains("portcullis_jwt_verifications_total{provider=\"keycloak\",outcome=\"valid\",cached=\"true\"} 1"), "{text}");
+        assert!(text.contains("portcullis_jwt_verifications_total{provider=\"keycloak\",outcome=\"expired\",cached=\"false\"} 1"), "{text}");
+        assert!(text.contains("portcullis_jwks_refreshes_total{provider=\"keycloak\",result=\"success\"} 1"), "{text}");
+        assert!(text.contains("portcullis_jwks_key_age_seconds{provider=\"keycloak\"} 90.0"), "{text}");
+    }
+
+    #[test]
     fn reloads_replace_the_revision_label() {
         let metrics = Metrics::new();
         metrics.set_bundle_revision("r1");
