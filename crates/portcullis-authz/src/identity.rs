@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use portcullis_jwt::{Identity, InvalidToken, RequestView, TokenOutcome, UpstreamHeaders, Verifier};
 use serde_json::{Value, json};
 
-/// What happens to a request whose token is present but invalid.
+/// Handling of a request whose token is present but invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnInvalidToken {
     /// Deny with 401 and `WWW-Authenticate: Bearer error="invalid_token"` without evaluating
@@ -46,7 +46,7 @@ impl Authentication {
     }
 }
 
-/// The request headers by lowercase name. With Envoy's `encode_raw_headers`, only `header_map`
+/// Collects the request headers by lowercase name. With Envoy's `encode_raw_headers`, only `header_map`
 /// is filled; its repeated headers are joined with commas as Envoy joins them in `headers`.
 fn request_headers(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
     let Some(header_map) = http.header_map.as_ref().filter(|_| http.headers.is_empty()) else {
@@ -70,7 +70,7 @@ fn request_headers(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
     Cow::Owned(headers)
 }
 
-/// The `input.identity` document: what the policy may rely on about a verified caller.
+/// Builds the `input.identity` document: what the policy may rely on about a verified caller.
 pub fn identity_document(identity: &Identity) -> Value {
     json!({
         "provider": identity.provider,
@@ -83,8 +83,8 @@ pub fn identity_document(identity: &Identity) -> Value {
     })
 }
 
-/// The `input.identity_error` document, set when the policy evaluates a request whose token
-/// is invalid.
+/// Builds the `input.identity_error` document, set when the policy evaluates a request whose
+/// token is invalid.
 pub fn identity_error_document(invalid: &InvalidToken) -> Value {
     json!({
         "reason": invalid.reason.code(),
@@ -93,7 +93,7 @@ pub fn identity_error_document(invalid: &InvalidToken) -> Value {
     })
 }
 
-/// The identity part of a decision event: never the token, only its fingerprint.
+/// Builds the identity part of a decision event: never the token, only its fingerprint.
 pub fn identity_event(outcome: &TokenOutcome) -> Value {
     match outcome {
         TokenOutcome::NoToken => json!({"outcome": "no_token"}),

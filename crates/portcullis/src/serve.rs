@@ -15,8 +15,8 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{AuditConfig, Config, InvalidTokenAction, JwtConfig, SinkKind};
-use portcullis_authz::identity::{Authentication, OnInvalidToken};
+use crate::config::{AuditConfig, Config, JwtConfig, SinkKind};
+use portcullis_authz::identity::Authentication;
 use portcullis_jwt::{JwtObserver, Verifier};
 use crate::metrics::Metrics;
 use crate::{EXIT_BUNDLE, EXIT_CONFIG, EXIT_FAILURE, listener, logging};
@@ -67,11 +67,7 @@ pub async fn start_authentication(jwt: &JwtConfig, observer: Arc<dyn JwtObserver
             warn!(jwt.provider = %status.provider, key = ?skipped, "JWKS key skipped");
         }
     }
-    let on_invalid_token = match jwt.invalid_token {
-        InvalidTokenAction::Deny => OnInvalidToken::Deny,
-        InvalidTokenAction::Policy => OnInvalidToken::EvaluatePolicy,
-    };
-    Ok(Authentication { verifier: Arc::new(verifier), on_invalid_token })
+    Ok(Authentication { verifier: Arc::new(verifier), on_invalid_token: jwt.invalid_token })
 }
 
 /// Opens the configured decision sink.

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use portcullis_authz::identity::OnInvalidToken;
 use portcullis_jwt::{ClaimToHeader, KeySource, ProviderConfig, SignatureAlgorithm, TokenLocation, VerifierConfig};
 
 use super::fields::{Fields, Problem, problem};
@@ -35,21 +36,11 @@ const PROVIDER_KEYS: &[&str] = &[
     "allow_http_loopback",
 ];
 
-/// What happens to a request whose token is present but invalid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InvalidTokenAction {
-    /// Deny with 401 and `WWW-Authenticate: Bearer error="invalid_token"` without evaluating
-    /// the policy.
-    Deny,
-    /// Evaluate the policy with `input.identity_error` set and no `input.identity`.
-    Policy,
-}
-
 /// Token verification settings.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
     pub verifier: VerifierConfig,
-    pub invalid_token: InvalidTokenAction,
+    pub invalid_token: OnInvalidToken,
 }
 
 impl PartialEq for JwtConfig {
@@ -69,8 +60,8 @@ pub fn read_jwt(node: Option<&Node>, base_dir: &Path, problems: &mut Vec<Problem
         problems,
     );
     let invalid_token = match fields.choice("invalid_token", &["deny", "policy"], "deny", problems).as_str() {
-        "policy" => InvalidTokenAction::Policy,
-        _ => InvalidTokenAction::Deny,
+        "policy" => OnInvalidToken::EvaluatePolicy,
+        _ => OnInvalidToken::Deny,
     };
 
     let mut verifier = VerifierConfig::default();

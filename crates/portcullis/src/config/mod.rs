@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use fields::Problem;
-pub use jwt::{InvalidTokenAction, JwtConfig};
+pub use jwt::JwtConfig;
 use fields::{Fields, problem};
 
 /// Default size limit of one gRPC message. A CheckRequest carries the request headers and
