@@ -157,7 +157,10 @@ impl Config {
             shutdown: read_shutdown(&top, base_dir, &mut problems),
             jwt: jwt::read_jwt(top.node("jwt"), base_dir, &mut problems),
         };
-        if let Some(jwt) = &config.jwt
+        // The verifier's own checks (unique names, usable key files, secret lengths) run only
+        // on an otherwise valid file, so one mistake is not reported twice.
+        if problems.is_empty()
+            && let Some(jwt) = &config.jwt
             && let Err(error) = portcullis_jwt::Verifier::new(jwt.verifier.clone())
         {
             for reported in &error.problems {

@@ -122,7 +122,7 @@ log:
 #[test]
 fn unknown_top_level_key_is_reported() {
     let problems = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\npolicies: {}\n").unwrap_err();
-    assert_eq!(rendered(&problems), vec!["policies (line 5): unknown key; expected one of: listen, admin, policy, audit, log, shutdown"]);
+    assert_eq!(rendered(&problems), vec!["policies (line 5): unknown key; expected one of: listen, admin, policy, audit, log, shutdown, jwt"]);
 }
 
 #[test]
@@ -219,4 +219,54 @@ fn log_directives_are_accepted() {
         let text = format!("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\nlog:\n  level: \"{level}\"\n");
         assert!(parse(&text).is_ok(), "{level}");
     }
+}
+
+const JWT_BASE: &str = "listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\n";
+
+#[test]
+fn jwt_provider_is_read() {
+    let text = format!(
+        "{JWT_BASE}jwt:\n  invalid_token: policy\n  providers:\n    - name: kc\n      issuer: https://kc.test/realms/a\n      discovery: true\n      audiences: [api]\n      from_headers: [{{name: Authorization, prefix: \"Bearer \"}}]\n      from_cookies: [session]\n      claims_to_headers: [{{claim: sub, header: X-Sub}}]\n      algorithms: [RS256, ES256]\n      clock_skew: 30s\n"
+    );
+    let jwt = parse(&text).unwrap().jwt.unwrap();
+
+    assert_eq!(jwt.invalid_token, portcullis_authz::identity::OnInvalidToken::EvaluatePolicy);
+    let provider = &jwt.verifier.providers[0];
+    assert_eq!(provider.name, "kc");
+    assert_eq!(provider.keys, Some(portcullis_jwt::KeySource::OidcDiscovery));
+    assert_eq!(provider.audiences, vec!["api"]);
+    assert_eq!(
+        provider.locations,
+        vec![
+            portcullis_jwt::TokenLocation::Header { name: "authorization".to_owned(), value_prefix: Some("Bearer ".to_owned()) },
+            portcullis_jwt::TokenLocation::Cookie { name: "session".to_owned() },
+        ]
+    );
+    assert_eq!(provider.claim_to_headers[0].header, "x-sub");
+    assert_eq!(provider.algorithms.len(), 2);
+    assert_eq!(provider.clock_skew, Duration::from_secs(30));
+}
+
+#[test]
+fn jwt_provider_problems_are_reported() {
+    let text = format!(
+        "{JWT_BASE}jwt:\n  providers:\n    - name: a\n      issuer: https://a.test\n      discovery: true\n      jwks_uri: https://a.test/jwks\n    - issuer: https://b.test\n      algorithms: [none]\n      audience: x\n"
+    );
+    let problems = rendered(&parse(&text).unwrap_err());
+
+    assert!(problems.contains(&"jwt.providers[0].discovery (line 9): more than one key source (jwks_uri, discovery); keep exactly one".to_owned()), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("jwt.providers[1].audience (line 13): unknown key")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("jwt.providers[1].name (line 11): missing")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("jwt.providers[1].jwks_uri (line 11): no key source")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("jwt.providers[1].algorithms (line 12):")), "{problems:?}");
+    assert_eq!(problems.len(), 5, "{problems:?}");
+}
+
+#[test]
+fn jwt_verifier_checks_run_on_valid_file() {
+    let text = format!("{JWT_BASE}jwt:\n  providers:\n    - name: a\n      issuer: https://a.test\n      jwks_file: missing.json\n");
+    let problems = rendered(&parse(&text).unwrap_err());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].starts_with("jwt (line 6): "), "{problems:?}");
+    assert!(problems[0].contains("missing.json"), "{problems:?}");
 }
