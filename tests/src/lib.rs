@@ -1,6 +1,6 @@
 //! Launchers for end-to-end tests: a recording HTTP upstream, Envoy configured with the
-//! ext_authz filter, the portcullis binary, and a small HTTP client to send requests through
-//! Envoy.
+//! ext_authz filter, the portcullis binary, Keycloak as an OIDC issuer, and a small HTTP client
+//! to send requests through Envoy.
 //!
 //! Every server binds to 127.0.0.1 only. Child processes are killed when their launcher is
 //! dropped, and their output goes to files whose last lines appear in every launch error.
@@ -9,6 +9,7 @@ mod bundle;
 mod client;
 mod envoy;
 mod error;
+mod keycloak;
 mod portcullis;
 mod process;
 mod upstream;
@@ -21,6 +22,10 @@ pub use bundle::write_bundle;
 pub use client::{ClientError, HttpRequest, HttpResponse, send};
 pub use envoy::{ENVOY_BINARY_VARIABLE, Envoy, EnvoyOptions, bootstrap_yaml, envoy_binary};
 pub use error::LaunchError;
+pub use keycloak::{
+    KEYCLOAK_ADMIN_PASSWORD, KEYCLOAK_ADMIN_USER, KEYCLOAK_JAVA_HOME_VARIABLE, Keycloak,
+    KeycloakError, java_home, keycloak_home,
+};
 pub use portcullis::{PORTCULLIS_BINARY_VARIABLE, Portcullis, PortcullisOptions, config_yaml};
 pub use upstream::{RecordedRequest, UPSTREAM_BODY, Upstream};
 
