@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::process::ChildProcess;
+use crate::process::{ChildProcess, run_peer_script};
 use crate::{HttpRequest, LaunchError, send};
 
 /// Environment variable naming an Envoy binary to use instead of installing one.
@@ -164,33 +164,11 @@ pub fn envoy_binary() -> Result<PathBuf, LaunchError> {
 }
 
 fn install_envoy() -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("peers")
-        .join("envoy.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|error| format!("running {} failed: {error}", script.display()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        return Err(format!(
-            "{} exited with {}: {}",
-            script.display(),
-            output.status,
-            stderr.trim()
-        ));
+    let (path, stderr) = run_peer_script("envoy.sh")?;
+    if path.as_os_str().is_empty() {
+        return Err(format!("envoy.sh printed no binary path; stderr: {stderr}"));
     }
-
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let path = stdout.lines().last().unwrap_or("").trim();
-    if path.is_empty() {
-        return Err(format!(
-            "{} printed no binary path; stderr: {}",
-            script.display(),
-            stderr.trim()
-        ));
-    }
-    Ok(PathBuf::from(path))
+    Ok(path)
 }
 
 /// A running Envoy, killed when dropped.

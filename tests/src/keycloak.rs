@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::process::ChildProcess;
+use crate::process::{ChildProcess, run_peer_script};
 use crate::{ClientError, HttpRequest, LaunchError, free_loopback_address, send};
 
 /// Environment variable naming a Java home (Java 21 or newer) to run Keycloak with.
@@ -385,31 +385,11 @@ pub fn keycloak_home() -> Result<PathBuf, LaunchError> {
 }
 
 fn install_keycloak() -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("peers")
-        .join("keycloak.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|error| format!("running {} failed: {error}", script.display()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        return Err(format!(
-            "{} exited with {}: {}",
-            script.display(),
-            output.status,
-            stderr.trim()
-        ));
-    }
-
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let home = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+    let (home, stderr) = run_peer_script("keycloak.sh")?;
     if !home.join("bin").join("kc.sh").is_file() {
         return Err(format!(
-            "{} printed {:?}, which has no bin/kc.sh; stderr: {}",
-            script.display(),
-            home.display(),
-            stderr.trim()
+            "keycloak.sh printed {:?}, which has no bin/kc.sh; stderr: {stderr}",
+            home.display()
         ));
     }
     Ok(home)
