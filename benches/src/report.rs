@@ -1,0 +1,312 @@
+//! The comparison table and the targets.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::load::Measurement;
+
+/// Figures measured for one scenario.
+#[derive(Debug, Clone)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub max_throughput: Measurement,
+    /// Open-loop run at half of `max_throughput`.
+    pub half_load: Measurement,
+    pub ready_after: Duration,
+    pub rss_idle_bytes: Option<u64>,
+    pub rss_load_bytes: Option<u64>,
+}
+
+impl ScenarioResult {
+    fn latency(&self, quantile: f64) -> f64 {
+        self.half_load.latency_at(quantile) as f64
+    }
+
+    /// Returns whether the open loop at half load had a higher median latency than the closed loop
+    /// at full load. A server that keeps up with half its maximum rate responds faster than
+    /// one with every worker waiting, so this means the server or the load generator fell
+    /// behind the schedule, and the latency figures are not comparable.
+    pub fn saturated(&self) -> bool {
+        self.half_load.latency_at(0.5) > self.max_throughput.latency_at(0.5)
+    }
+}
+
+/// The floor and peer scenarios that the ratios are taken against.
+pub struct Baselines<'a> {
+    pub floor: Option<&'a ScenarioResult>,
+    pub peer: Option<&'a ScenarioResult>,
+}
+
+/// The targets from benches/README.md, checked for one scenario.
+pub const TARGET_PEER_THROUGHPUT_RATIO: f64 = 3.0;
+pub const TARGET_FLOOR_THROUGHPUT_RATIO: f64 = 0.5;
+pub const TARGET_FLOOR_P99_RATIO: f64 = 2.0;
+pub const TARGET_RSS_BYTES: u64 = 50 * 1024 * 1024;
+
+/// Formats `value / base` as `1.23x`, or `-` when there is no base.
+pub fn ratio(value: f64, base: Option<f64>) -> String {
+    match base {
+        Some(base) if base > 0.0 => format!("{:.2}x", value / base),
+        _ => "-".to_string(),
+    }
+}
+
+fn megabytes(bytes: Option<u64>) -> String {
+    bytes
+        .map(|bytes| format!("{:.1}", bytes as f64 / (1024.0 * 1024.0)))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// Renders the absolute figures, the ratios and the not-yet-measured scenarios.
+pub fn render(
+    results: &[ScenarioResult],
+    baselines: &Baselines<'_>,
+    not_measured: &[&str],
+) -> String {
+    let mut out = String::new();
+    let width = results
+        .iter()
+        .map(|result| result.name.len())
+        .chain(not_measured.iter().map(|name| name.len()))
+        .max()
+        .unwrap_or(8)
+        .max(8);
+
+    let _ = writeln!(
+        out,
+        "Figures (latency in microseconds at 50% of the scenario's maximum throughput, open loop):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>10}  {:>7}  {:>7}  {:>7}  {:>7}  {:>6}  {:>8}  {:>8}  {:>8}",
+        "scenario",
+        "max chk/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "errors",
+        "ready",
+        "RSS idle",
+        "RSS load",
+        "rate"
+    );
+    let mut any_saturated = false;
+    for result in results {
+        let errors = result.max_throughput.failed + result.half_load.failed;
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>10.0}  {:>7}  {:>7}  {:>7}  {:>7}  {:>4}ms  {:>5} MB  {:>5} MB  {:>8.0}{}",
+            result.name,
+            result.max_throughput.throughput(),
+            result.half_load.latency_at(0.5),
+            result.half_load.latency_at(0.99),
+            result.half_load.latency_at(0.999),
+            errors,
+            result.ready_after.as_millis(),
+            megabytes(result.rss_idle_bytes),
+            megabytes(result.rss_load_bytes),
+            result.half_load.throughput(),
+            if result.saturated() {
+                "  SATURATED"
+            } else {
+                ""
+            },
+        );
+        any_saturated |= result.saturated();
+    }
+    for name in not_measured {
+        let _ = writeln!(out, "{name:<width$}  not yet measured");
+    }
+    if any_saturated {
+        let _ = writeln!(
+            out,
+            "SATURATED: the median latency at half load exceeded the closed loop's at full load. The server or the load \
+             generator fell behind the schedule (other work on the CPUs, or the generator needing more CPU than the server), \
+             so its latency figures are not comparable."
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\nRatios (throughput: higher is better; latency: lower is better):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}",
+        "scenario",
+        "thr/floor",
+        "thr/peer",
+        "p50/floor",
+        "p50/peer",
+        "p99/floor",
+        "p99/peer",
+        "p999/flr",
+        "p999/peer"
+    );
+    let floor_throughput = baselines
+        .floor
+        .map(|floor| floor.max_throughput.throughput());
+    let peer_throughput = baselines.peer.map(|peer| peer.max_throughput.throughput());
+    for result in results {
+        let throughput = result.max_throughput.throughput();
+        let mut row = format!(
+            "{:<width$}  {:>9}  {:>9}",
+            result.name,
+            ratio(throughput, floor_throughput),
+            ratio(throughput, peer_throughput)
+        );
+        for quantile in [0.5, 0.99, 0.999] {
+            let floor = baselines.floor.map(|floor| floor.latency(quantile));
+            let peer = baselines.peer.map(|peer| peer.latency(quantile));
+            let _ = write!(
+                row,
+                "  {:>9}  {:>9}",
+                ratio(result.latency(quantile), floor),
+                ratio(result.latency(quantile), peer)
+            );
+        }
+        let _ = writeln!(out, "{row}");
+    }
+    out
+}
+
+/// Checks one scenario against the targets; each line states `met` or `MISSED` with the figures.
+pub fn check_targets(result: &ScenarioResult, baselines: &Baselines<'_>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let throughput = result.max_throughput.throughput();
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+
+    if let Some(peer) = baselines.peer {
+        let ratio = throughput / peer.max_throughput.throughput().max(f64::MIN_POSITIVE);
+        lines.push(format!(
+            "{}: throughput >= {TARGET_PEER_THROUGHPUT_RATIO}x the peer: {} ({ratio:.2}x)",
+            result.name,
+            verdict(ratio >= TARGET_PEER_THROUGHPUT_RATIO)
+        ));
+    }
+    if let Some(floor) = baselines.floor {
+        let ratio = throughput / floor.max_throughput.throughput().max(f64::MIN_POSITIVE);
+        lines.push(format!(
+            "{}: throughput >= {TARGET_FLOOR_THROUGHPUT_RATIO}x the floor: {} ({ratio:.2}x)",
+            result.name,
+            verdict(ratio >= TARGET_FLOOR_THROUGHPUT_RATIO)
+        ));
+
+        let p99_ratio = result.latency(0.99) / floor.latency(0.99).max(1.0);
+        if result.saturated() || floor.saturated() {
+            lines.push(format!(
+                "{}: p99 at half load <= {TARGET_FLOOR_P99_RATIO}x the floor's: not judged, an open loop was saturated ({p99_ratio:.2}x)",
+                result.name
+            ));
+        } else {
+            lines.push(format!(
+                "{}: p99 at half load <= {TARGET_FLOOR_P99_RATIO}x the floor's: {} ({p99_ratio:.2}x)",
+                result.name,
+                verdict(p99_ratio <= TARGET_FLOOR_P99_RATIO)
+            ));
+        }
+    }
+    match result.rss_load_bytes {
+        Some(bytes) => lines.push(format!(
+            "{}: peak RSS under load < {} MB: {} ({} MB)",
+            result.name,
+            TARGET_RSS_BYTES / (1024 * 1024),
+            verdict(bytes < TARGET_RSS_BYTES),
+            megabytes(Some(bytes))
+        )),
+        None => lines.push(format!(
+            "{}: peak RSS under load: not measured (no /proc/PID/status)",
+            result.name
+        )),
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measurement(latencies_micros: &[u64], elapsed: Duration) -> Measurement {
+        let mut measurement = Measurement::empty();
+        for &micros in latencies_micros {
+            measurement.record(Ok(true), Duration::from_micros(micros));
+        }
+        measurement.elapsed = elapsed;
+        measurement
+    }
+
+    fn scenario(name: &str, closed_micros: &[u64], open_micros: &[u64]) -> ScenarioResult {
+        ScenarioResult {
+            name: name.to_string(),
+            max_throughput: measurement(closed_micros, Duration::from_secs(1)),
+            half_load: measurement(open_micros, Duration::from_secs(1)),
+            ready_after: Duration::from_millis(10),
+            rss_idle_bytes: Some(10 * 1024 * 1024),
+            rss_load_bytes: Some(60 * 1024 * 1024),
+        }
+    }
+
+    #[test]
+    fn half_load_slower_than_full_is_saturated() {
+        assert!(scenario("behind", &[500, 500, 500], &[900, 900, 900]).saturated());
+        assert!(!scenario("keeping up", &[500, 500, 500], &[100, 100, 100]).saturated());
+    }
+
+    #[test]
+    fn targets_compare_with_floor_and_peer() {
+        let floor = scenario("floor", &[400; 8], &[100, 100]);
+        let peer = scenario("peer", &[2000; 2], &[300, 300]);
+        let subject = scenario("portcullis", &[500; 6], &[150, 150]);
+        let baselines = Baselines {
+            floor: Some(&floor),
+            peer: Some(&peer),
+        };
+
+        let lines = check_targets(&subject, &baselines);
+
+        assert_eq!(
+            lines,
+            [
+                "portcullis: throughput >= 3x the peer: met (3.00x)",
+                "portcullis: throughput >= 0.5x the floor: met (0.75x)",
+                "portcullis: p99 at half load <= 2x the floor's: met (1.50x)",
+                "portcullis: peak RSS under load < 50 MB: MISSED (60.0 MB)",
+            ]
+        );
+    }
+
+    #[test]
+    fn saturated_floor_leaves_p99_unjudged() {
+        let floor = scenario("floor", &[400; 8], &[900, 900]);
+        let subject = scenario("portcullis", &[500; 6], &[150, 150]);
+        let baselines = Baselines {
+            floor: Some(&floor),
+            peer: None,
+        };
+
+        let lines = check_targets(&subject, &baselines);
+
+        assert_eq!(
+            lines[1],
+            "portcullis: p99 at half load <= 2x the floor's: not judged, an open loop was saturated (0.17x)"
+        );
+    }
+
+    #[test]
+    fn ratio_divides_by_base() {
+        assert_eq!(ratio(300.0, Some(100.0)), "3.00x");
+        assert_eq!(ratio(50.0, Some(200.0)), "0.25x");
+    }
+
+    #[test]
+    fn ratio_without_base_is_dash() {
+        assert_eq!(ratio(300.0, None), "-");
+        assert_eq!(ratio(300.0, Some(0.0)), "-");
+    }
+
+    #[test]
+    fn megabytes_have_one_decimal() {
+        assert_eq!(megabytes(Some(15 * 1024 * 1024 + 512 * 1024)), "15.5");
+        assert_eq!(megabytes(None), "-");
+    }
+}

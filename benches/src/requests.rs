@@ -1,0 +1,197 @@
+//! The request mix: ext_authz CheckRequests read from protojson files, and the OPA input
+//! documents that `portcullis check` builds from the same files.
+
+use std::path::{Path, PathBuf};
+
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use portcullis_authz::protojson::check_request_from_json;
+use serde_json::Value;
+
+/// A request file that cannot be used in the mix.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("cannot read request folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("request folder {path} contains no .json files")]
+    Empty { path: PathBuf },
+
+    #[error("cannot read request file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("request file {path} is not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("request file {path} is not a CheckRequest: {source}")]
+    Protojson {
+        path: PathBuf,
+        source: portcullis_authz::protojson::ProtojsonError,
+    },
+}
+
+/// One request of the mix, under the name of its file.
+#[derive(Debug, Clone)]
+pub struct MixEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub request: CheckRequest,
+}
+
+/// Reads every `.json` file of `folder` as a protojson CheckRequest, sorted by file name so
+/// that every run sends the mix in the same order.
+pub fn read_mix(folder: &Path) -> Result<Vec<MixEntry>, RequestError> {
+    let entries = std::fs::read_dir(folder).map_err(|source| RequestError::Folder {
+        path: folder.to_path_buf(),
+        source,
+    })?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| RequestError::Folder {
+            path: folder.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "json")
+        {
+            paths.push(path);
+        }
+    }
+    if paths.is_empty() {
+        return Err(RequestError::Empty {
+            path: folder.to_path_buf(),
+        });
+    }
+    paths.sort();
+
+    paths.into_iter().map(|path| read_entry(&path)).collect()
+}
+
+fn read_entry(path: &Path) -> Result<MixEntry, RequestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RequestError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let json: Value = serde_json::from_str(&text).map_err(|source| RequestError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let request = check_request_from_json(&json).map_err(|source| RequestError::Protojson {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = path
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(MixEntry {
+        name,
+        path: path.to_path_buf(),
+        request,
+    })
+}
+
+/// Wraps the input document of a `portcullis check` result as the body of a request to
+/// OPA's Data API, `{"input": ...}`. Returns `None` when the result has no `input`.
+pub fn opa_request_body(check_output: &Value) -> Option<Vec<u8>> {
+    let input = check_output.get("input")?;
+    let body = serde_json::json!({ "input": input });
+    serde_json::to_vec(&body).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opa_body_wraps_check_input() {
+        let output = serde_json::json!({"input": {"parsed_path": ["public"]}, "decision": {"allowed": true}});
+
+        let body = opa_request_body(&output).unwrap();
+
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"input":{"parsed_path":["public"]}}"#
+        );
+    }
+
+    #[test]
+    fn opa_body_missing_without_input() {
+        let output = serde_json::json!({"decision": {"allowed": true}});
+
+        assert!(opa_request_body(&output).is_none());
+    }
+
+    #[test]
+    fn mix_reads_files_in_name_order() {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(
+            folder.path().join("b.json"),
+            r#"{"attributes": {"request": {"http": {"method": "POST"}}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            folder.path().join("a.json"),
+            r#"{"attributes": {"request": {"http": {"method": "GET"}}}}"#,
+        )
+        .unwrap();
+        std::fs::write(folder.path().join("notes.txt"), "not a request").unwrap();
+
+        let mix = read_mix(folder.path()).unwrap();
+
+        let names: Vec<&str> = mix.iter().map(|entry| entry.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let method = &mix[0]
+            .request
+            .attributes
+            .as_ref()
+            .unwrap()
+            .request
+            .as_ref()
+            .unwrap()
+            .http
+            .as_ref()
+            .unwrap()
+            .method;
+        assert_eq!(method, "GET");
+    }
+
+    #[test]
+    fn mix_rejects_unknown_field() {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(
+            folder.path().join("bad.json"),
+            r#"{"attributes": {"requets": {}}}"#,
+        )
+        .unwrap();
+
+        let error = read_mix(folder.path()).unwrap_err();
+
+        assert!(matches!(error, RequestError::Protojson { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("attributes.requets: unknown field"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn mix_rejects_empty_folder() {
+        let folder = tempfile::tempdir().unwrap();
+
+        let error = read_mix(folder.path()).unwrap_err();
+
+        assert!(matches!(error, RequestError::Empty { .. }), "{error}");
+    }
+}
