@@ -9,6 +9,7 @@ mod bundle;
 mod client;
 mod envoy;
 mod error;
+pub mod kafka;
 mod keycloak;
 mod portcullis;
 mod process;

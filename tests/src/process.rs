@@ -206,6 +206,23 @@ pub(crate) fn file_tail(path: &Path, lines: usize) -> String {
     tail
 }
 
+/// Runs the install script `tests/peers/NAME` and returns the last line it printed (the path
+/// of what it installed) with its trimmed standard error, or why it failed.
+pub(crate) fn run_peer_script(name: &str) -> Result<(PathBuf, String), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(name);
+    let output = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|error| format!("running {} failed: {error}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    if !output.status.success() {
+        return Err(format!("{} exited with {}: {stderr}", script.display(), output.status));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last_line = stdout.lines().last().unwrap_or("").trim();
+    Ok((PathBuf::from(last_line), stderr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,21 +258,4 @@ mod tests {
 
         assert_eq!(file_tail(&path, 5), "(empty)\n");
     }
-}
-
-/// Runs the install script `tests/peers/NAME` and returns the last line it printed (the path
-/// of what it installed) with its trimmed standard error, or why it failed.
-pub(crate) fn run_peer_script(name: &str) -> Result<(PathBuf, String), String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(name);
-    let output = Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|error| format!("running {} failed: {error}", script.display()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    if !output.status.success() {
-        return Err(format!("{} exited with {}: {stderr}", script.display(), output.status));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last_line = stdout.lines().last().unwrap_or("").trim();
-    Ok((PathBuf::from(last_line), stderr))
 }
