@@ -81,7 +81,7 @@ impl<'a> Fields<'a> {
         Fields { entries, path: path.to_owned(), line: node.map(|node| node.line), base_dir }
     }
 
-    /// The node of `key`, if present and not null.
+    /// Returns the node of `key`, if present and not null.
     pub fn node(&self, key: &str) -> Option<&'a Node> {
         self.entries
             .iter()
@@ -120,7 +120,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// An integer within `range`.
+    /// Reads an integer within `range`.
     pub fn integer(&self, key: &str, default: u64, range: std::ops::RangeInclusive<u64>, problems: &mut Vec<Problem>) -> u64 {
         let Some(node) = self.node(key) else { return default };
         let out_of_range = |found: String| format!("expected an integer from {} to {}, found {found}", range.start(), range.end());
@@ -137,7 +137,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A duration written as a humantime string (`250ms`, `5s`, `1m 30s`) or as `0`.
+    /// Reads a duration written as a humantime string (`250ms`, `5s`, `1m 30s`) or as `0`.
     pub fn duration(&self, key: &str, default: Duration, max: Duration, problems: &mut Vec<Problem>) -> Duration {
         let Some(node) = self.node(key) else { return default };
         let parsed = match &node.value {
@@ -162,7 +162,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A listen address `IP:PORT`.
+    /// Reads a listen address `IP:PORT`.
     pub fn socket_address(&self, key: &str, problems: &mut Vec<Problem>) -> Option<SocketAddr> {
         let text = self.string(key, problems)?;
         match text.parse() {
@@ -178,7 +178,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A file system path; a relative path is taken from the configuration file's folder.
+    /// Reads a file system path. A relative path is taken from the configuration file's folder.
     pub fn path(&self, key: &str, problems: &mut Vec<Problem>) -> Option<PathBuf> {
         let text = self.string(key, problems)?;
         if text.is_empty() {
@@ -188,7 +188,7 @@ impl<'a> Fields<'a> {
         Some(self.base_dir.join(text))
     }
 
-    /// The items of a sequence at `key`; a missing key is an empty list.
+    /// Returns the items of a sequence at `key`. A missing key is an empty list.
     pub fn sequence(&self, key: &str, problems: &mut Vec<Problem>) -> &'a [Node] {
         let Some(node) = self.node(key) else { return &[] };
         match &node.value {
@@ -200,7 +200,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A sequence of strings at `key`; a missing key is an empty list.
+    /// Reads a sequence of strings at `key`. A missing key is an empty list.
     pub fn strings(&self, key: &str, problems: &mut Vec<Problem>) -> Vec<String> {
         let mut strings = Vec::new();
         for (index, item) in self.sequence(key, problems).iter().enumerate() {
@@ -216,7 +216,7 @@ impl<'a> Fields<'a> {
         strings
     }
 
-    /// One of `choices`.
+    /// Reads one of `choices`.
     pub fn choice(&self, key: &str, choices: &[&str], default: &str, problems: &mut Vec<Problem>) -> String {
         let Some(text) = self.string(key, problems) else { return default.to_owned() };
         if choices.contains(&text.as_str()) {
