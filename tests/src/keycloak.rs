@@ -348,7 +348,7 @@ impl Drop for Keycloak {
     }
 }
 
-/// Whether every process in the group `group_id` is a zombie, read from `/proc`.
+/// Tells whether every process in the group `group_id` is a zombie, read from `/proc`.
 fn group_has_only_zombies(group_id: i32) -> bool {
     let Ok(entries) = fs::read_dir("/proc") else {
         return false;

@@ -826,7 +826,7 @@ fn jwt_section(issuer: &str) -> String {
     )
 }
 
-/// The realm export that the portcullis-jwt tests also use: client `portcullis-service` and
+/// Returns the realm export that the portcullis-jwt tests also use: client `portcullis-service` and
 /// user `alice`.
 fn realm_fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -18,7 +18,7 @@ const MAX_BATCH: usize = 1024;
 /// Destination of decision events.
 ///
 /// `record` resolves once the event is durable for this sink, and the check waits for it
-/// before answering Envoy, so an allowed request never lacks its event.
+/// before responding to Envoy, so an allowed request never lacks its event.
 pub trait DecisionSink: Send + Sync {
     /// Records one event. The future is independent of `self`, so a check can hand it to a
     /// task that outlives a cancelled gRPC call.
@@ -159,7 +159,7 @@ enum Message {
 }
 
 /// A dedicated thread that owns the output, so blocking writes and fsyncs never stall the
-/// async workers that answer checks.
+/// async workers that respond to checks.
 struct LineWriter {
     target_name: String,
     queue: mpsc::Sender<Message>,

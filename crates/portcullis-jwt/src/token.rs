@@ -9,9 +9,9 @@ use crate::algorithm::SignatureAlgorithm;
 use crate::outcome::{InvalidReason, Rejection, shorten};
 
 /// Header parameters that name or embed a verification key. Tokens carrying any of them are
-/// rejected with `key_in_token`: keys come only from the provider's configured source, and a
-/// token that points elsewhere is either from an issuer set up differently than configured or
-/// an attempt to make the verifier trust an attacker's key.
+/// rejected with `key_in_token`, because keys come only from the provider's configured source.
+/// A token that points elsewhere comes from an issuer set up differently than configured, or
+/// tries to make the verifier trust an attacker's key.
 pub(crate) const KEY_REFERENCE_HEADERS: [&str; 4] = ["jku", "x5u", "jwk", "x5c"];
 
 /// A compact JWS split into its parts, with header and claims decoded but not yet trusted.

@@ -2,8 +2,8 @@
 //!
 //! Entries are keyed by the SHA-256 of the token, so the raw token is not kept. An entry is
 //! used only while the token's `exp` is in the future (the clock skew is not added), and only
-//! while the key that verified it is still in the provider's current, non-stale key set: a key
-//! removed from the JWKS invalidates its cached tokens at the next lookup after the refetch.
+//! while the key that verified it is still in the provider's current, non-stale key set. So a
+//! key removed from the JWKS invalidates its cached tokens at the next lookup after the refetch.
 //! Tokens without `exp` are never cached.
 
 use std::num::NonZeroUsize;

@@ -104,10 +104,10 @@ impl Policy {
 
     /// Compiles `bundle` for the decision rule at `decision`.
     ///
-    /// Test modules (`*_test.rego`) are left out. Fails when a module does not parse, a
-    /// package or data path lies outside the manifest roots, a rule calls a function that
-    /// is neither defined in the bundle nor a regorus builtin, no rule exists at the
-    /// decision path, or a rule and a data value share a path.
+    /// Test modules (`*_test.rego`) are left out. Compilation fails when a module does not
+    /// parse or a package or data path lies outside the manifest roots. It also fails when a
+    /// rule calls a function that is neither defined in the bundle nor a regorus builtin, when
+    /// no rule exists at the decision path, or when a rule and a data value share a path.
     // NOTE: regorus 0.14.1 reports some errors that OPA reports at compile time, such as
     // unsafe variables and calls with the wrong number of arguments, only when the
     // affected rule is evaluated.

@@ -1,4 +1,4 @@
-//! The admin HTTP listener: `/healthz` (the process is alive), `/readyz` (it answers
+//! The admin HTTP listener: `/healthz` (the process is alive), `/readyz` (it responds to
 //! checks) and `/metrics` (Prometheus text format).
 
 use std::sync::Arc;

@@ -88,7 +88,7 @@ pub fn run(config_path: &Path, request_path: &Path) -> u8 {
 }
 
 /// Returns 1 when the policy failed to produce a valid decision (an evaluation error or a
-/// malformed decision), so scripts can tell a broken policy from a deny; else 0.
+/// malformed decision), else 0. Scripts can then tell a broken policy from a deny.
 fn policy_failure_code(outcome: &portcullis_authz::service::CheckOutcome) -> u8 {
     match outcome.denied_by {
         Some(reason @ ("policy_error" | "invalid_decision")) => {

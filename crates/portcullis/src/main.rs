@@ -1,4 +1,4 @@
-//! portcullis: an authorization sidecar that answers Envoy ext_authz checks with Rego policy.
+//! portcullis: an authorization sidecar that decides Envoy ext_authz checks with Rego policy.
 //!
 //! This binary only wires the crates together: configuration, listeners, the admin
 //! endpoint, signals and the offline tools.
@@ -28,7 +28,7 @@ pub const EXIT_FAILURE: u8 = 1;
 #[command(
     name = "portcullis",
     version,
-    about = "Authorization sidecar for Envoy and Istio: answers ext_authz gRPC checks with Rego policy",
+    about = "Authorization sidecar for Envoy and Istio: decides ext_authz gRPC checks with Rego policy",
     long_about = "Authorization sidecar for Envoy and Istio.\n\n\
         portcullis answers Envoy's ext_authz v3 gRPC checks: it turns each CheckRequest into \
         the input document of the OPA Envoy plugin, evaluates a local Rego bundle in-process, \
@@ -46,7 +46,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar: answer ext_authz checks until SIGTERM or SIGINT.
+    /// Run the sidecar: decide ext_authz checks until SIGTERM or SIGINT.
     Serve {
         /// The YAML configuration file.
         #[arg(long, short, value_name = "FILE", env = "PORTCULLIS_CONFIG")]

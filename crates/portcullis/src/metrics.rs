@@ -29,7 +29,7 @@ struct TokenLabels {
     provider: String,
     /// `valid`, `no_token` or the reason a token was rejected.
     outcome: String,
-    /// `true` when the verified-token cache answered.
+    /// `true` when the identity came from the verified-token cache.
     cached: &'static str,
 }
 

@@ -181,7 +181,7 @@ async fn serve(config: Config) -> u8 {
 
     let exit = tokio::select! {
         signal = termination_signal() => {
-            info!(signal, drain = ?config.shutdown.drain, "shutting down: not ready, still answering checks while the drain lasts");
+            info!(signal, drain = ?config.shutdown.drain, "shutting down: not ready, still responding to checks while the drain lasts");
             None
         }
         Some(result) = servers.join_next() => {

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use super::*;
 
-/// A folder with the files the test configurations name: `bundle/`, `b/` and `bundle.tar.gz`.
+/// Creates once a folder with the files the test configurations name: `bundle/`, `b/` and `bundle.tar.gz`.
 fn base_dir() -> &'static Path {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
