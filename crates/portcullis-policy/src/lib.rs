@@ -23,6 +23,6 @@ pub use bundle::{
 };
 pub use engine::MAX_BRACKET_NESTING;
 pub use error::{BundleError, EvalError, PolicyError};
-pub use policy::{CompileOptions, DEFAULT_MAX_EVAL_TIME, Policy};
+pub use policy::{CompileOptions, DEFAULT_MAX_EVAL_TIME, EngineChoice, Policy};
 pub use rego_test::{RegoTestOutcome, run_rego_tests};
 pub use reload::{BundleWatcher, PolicyStore, ReloadObserver, ReloadOptions};

@@ -4,11 +4,15 @@ use std::cell::RefCell;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::Program;
+use regorus::rvm::vm::{RegoVM, VmError};
 use regorus::utils::limits::ExecutionTimerConfig;
-use regorus::{Engine, LimitError, Value};
+use regorus::{CompiledPolicy, Engine, LimitError, Value};
 use serde_json::Value as JsonValue;
 
 use crate::bundle::Bundle;
@@ -16,6 +20,7 @@ use crate::diagnostic::one_line;
 use crate::engine::{build_engine, package_names};
 use crate::error::{EvalError, PolicyError};
 use crate::function_calls::check_function_calls;
+use tracing::{debug, info, warn};
 
 /// Default for [`CompileOptions::max_eval_time`]: one second.
 ///
@@ -27,6 +32,14 @@ pub const DEFAULT_MAX_EVAL_TIME: Duration = Duration::from_secs(1);
 /// Evaluation steps between two clock reads of the regorus execution timer. Reading the
 /// clock every step would cost more than most steps.
 const TIMER_CHECK_INTERVAL: NonZeroU32 = NonZeroU32::new(64).unwrap();
+
+/// Maximum number of virtual-machine instructions that one evaluation may run.
+///
+/// regorus's own default (25,000) stops ordinary policies that iterate over a few thousand
+/// data entries, which the interpreter evaluates without complaint. The wall-clock bound of
+/// [`CompileOptions::max_eval_time`] is what protects against runaway policies; this bound
+/// only stops a loop that never reads the clock.
+const MAX_VM_INSTRUCTIONS: usize = 1 << 32;
 
 /// Source of [`Policy::generation`]. Starts at 1 so that 0 never names a policy.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -41,6 +54,38 @@ pub struct CompileOptions {
     /// regorus checks the timer between evaluation steps, so one expensive builtin call
     /// (a large regex, a huge `numbers.range`) can overrun it.
     pub max_eval_time: Option<Duration>,
+    /// The regorus evaluator that runs the decision rule.
+    pub engine: EngineChoice,
+}
+
+/// The regorus evaluator a [`Policy`] uses.
+///
+/// regorus can run a policy in its tree-walking interpreter or compile it to instructions
+/// for its register virtual machine, which evaluates the same rules several times faster.
+/// The virtual machine does not cover all of Rego yet (for example the `with` keyword), so
+/// the default uses it only for policies it compiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// The virtual machine when the policy compiles for it, else the interpreter. An
+    /// evaluation that the virtual machine fails (other than by running out of time) is
+    /// repeated in the interpreter, so a gap in the virtual machine never turns into a deny.
+    #[default]
+    Auto,
+    /// Always the interpreter.
+    Interpreter,
+    /// Always the virtual machine; compiling a policy it cannot run is an error.
+    VirtualMachine,
+}
+
+impl EngineChoice {
+    /// Returns the configuration name: `auto`, `interpreter` or `vm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineChoice::Auto => "auto",
+            EngineChoice::Interpreter => "interpreter",
+            EngineChoice::VirtualMachine => "vm",
+        }
+    }
 }
 
 impl Default for CompileOptions {
@@ -48,6 +93,7 @@ impl Default for CompileOptions {
         CompileOptions {
             rego_v0: false,
             max_eval_time: Some(DEFAULT_MAX_EVAL_TIME),
+            engine: EngineChoice::Auto,
         }
     }
 }
@@ -61,6 +107,8 @@ impl Default for CompileOptions {
 /// lock: cloning it takes `&self`.
 pub struct Policy {
     prototype: Engine,
+    machine: Option<MachineProgram>,
+    fall_back_to_interpreter: bool,
     rule: String,
     decision_path: String,
     revision: String,
@@ -78,6 +126,29 @@ pub struct Policy {
 struct CachedEngine {
     generation: u64,
     engine: Engine,
+    machine: Option<RegoVM>,
+}
+
+/// The compiled program, data and limits from which each thread builds its own virtual machine.
+struct MachineProgram {
+    compiled: CompiledPolicy,
+    program: Arc<Program>,
+    data: Value,
+    timer: Option<ExecutionTimerConfig>,
+}
+
+impl MachineProgram {
+    fn new_machine(&self) -> Result<RegoVM, VmError> {
+        let mut machine = RegoVM::new_with_policy(self.compiled.clone());
+        machine.load_program(self.program.clone());
+        machine.set_data(self.data.clone())?;
+        // Same reason as the interpreter's setting in build_engine: policies written for
+        // OPA expect a failing builtin to make its expression undefined.
+        machine.set_strict_builtin_errors(false);
+        machine.set_execution_timer_config(self.timer);
+        machine.set_max_instructions(MAX_VM_INSTRUCTIONS);
+        Ok(machine)
+    }
 }
 
 // Compile-time proof of the `Send + Sync` claim on [`Policy`].
@@ -120,11 +191,12 @@ impl Policy {
 
         let mut engine = build_engine(bundle, options.rego_v0, false)?;
         check_function_calls(engine.get_modules())?;
-        if let Some(limit) = options.max_eval_time {
-            engine.set_execution_timer_config(ExecutionTimerConfig {
-                limit,
-                check_interval: TIMER_CHECK_INTERVAL,
-            });
+        let timer = options.max_eval_time.map(|limit| ExecutionTimerConfig {
+            limit,
+            check_interval: TIMER_CHECK_INTERVAL,
+        });
+        if let Some(timer) = timer {
+            engine.set_execution_timer_config(timer);
         }
 
         // Analysing the modules here leaves the prototype prepared, so clones start
@@ -145,9 +217,12 @@ impl Policy {
             }
         };
         check_rules_against_data(compiled.get_rules().keys(), bundle.data())?;
+        let machine = compile_for_machine(bundle, compiled, &rule, timer, options.engine)?;
 
         Ok(Policy {
             prototype: engine,
+            machine,
+            fall_back_to_interpreter: options.engine == EngineChoice::Auto,
             rule,
             decision_path: decision.trim_matches('/').to_string(),
             revision: bundle.revision().to_string(),
@@ -172,7 +247,10 @@ impl Policy {
             (None, Some(input)) => {
                 // The thread-local is gone (thread teardown) or in use: use a private clone.
                 let mut engine = self.prototype.clone();
-                catch_unwind(AssertUnwindSafe(|| self.evaluate_on(&mut engine, input)))
+                let mut machine = self.new_machine();
+                catch_unwind(AssertUnwindSafe(|| {
+                    self.evaluate_on(&mut engine, machine.as_mut(), input)
+                }))
             }
             // evaluate_cached returns an outcome exactly when it took the input.
             (None, None) => Ok(Err(EvalError::Failed {
@@ -201,18 +279,18 @@ impl Policy {
         let mut slot = slot.try_borrow_mut().ok()?;
         let input = pending_input.take()?;
 
-        let engine = match &mut *slot {
-            Some(cached) if cached.generation == self.generation => &mut cached.engine,
-            _ => {
-                let cached = slot.insert(CachedEngine {
-                    generation: self.generation,
-                    engine: self.prototype.clone(),
-                });
-                &mut cached.engine
-            }
+        let cached = match &mut *slot {
+            Some(cached) if cached.generation == self.generation => cached,
+            _ => slot.insert(CachedEngine {
+                generation: self.generation,
+                engine: self.prototype.clone(),
+                machine: self.new_machine(),
+            }),
         };
 
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.evaluate_on(engine, input)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            self.evaluate_on(&mut cached.engine, cached.machine.as_mut(), input)
+        }));
         if outcome.is_err() {
             // The engine may be half-updated after a panic, so it is never reused.
             *slot = None;
@@ -220,11 +298,63 @@ impl Policy {
         Some(outcome)
     }
 
-    fn evaluate_on(&self, engine: &mut Engine, input: Value) -> Result<Value, EvalError> {
+    /// Evaluates on the virtual machine when there is one, else (or when it fails and the
+    /// policy may fall back) on the interpreter.
+    fn evaluate_on(
+        &self,
+        engine: &mut Engine,
+        machine: Option<&mut RegoVM>,
+        input: Value,
+    ) -> Result<Value, EvalError> {
+        let input = match machine {
+            Some(machine) => {
+                machine.set_input(input.clone());
+                match machine.execute_entry_point_by_index(0) {
+                    Ok(value) => return Ok(value),
+                    Err(VmError::TimeLimitExceeded { limit, .. }) => {
+                        return Err(EvalError::TimedOut {
+                            rule: self.rule.clone(),
+                            limit,
+                        });
+                    }
+                    Err(error) if !self.fall_back_to_interpreter => {
+                        return Err(EvalError::Failed {
+                            rule: self.rule.clone(),
+                            message: one_line(&error.to_string()),
+                        });
+                    }
+                    Err(error) => {
+                        debug!(rule = %self.rule, %error, "virtual machine failed; evaluating in the interpreter");
+                        input
+                    }
+                }
+            }
+            None => input,
+        };
+
         engine.set_input(input);
         engine
             .eval_rule(self.rule.clone())
             .map_err(|error| self.eval_error(&error))
+    }
+
+    /// Builds this thread's virtual machine, or `None` when the policy runs in the
+    /// interpreter. A machine that cannot load the bundle's data is logged and left out, so
+    /// the interpreter evaluates instead.
+    fn new_machine(&self) -> Option<RegoVM> {
+        let program = self.machine.as_ref()?;
+        match program.new_machine() {
+            Ok(machine) => Some(machine),
+            Err(error) => {
+                warn!(rule = %self.rule, %error, "cannot prepare the virtual machine; evaluating in the interpreter");
+                None
+            }
+        }
+    }
+
+    /// Returns which evaluator runs the decision rule: `vm` or `interpreter`.
+    pub fn engine_name(&self) -> &'static str {
+        if self.machine.is_some() { "vm" } else { "interpreter" }
     }
 
     fn eval_error(&self, error: &anyhow::Error) -> EvalError {
@@ -278,6 +408,44 @@ impl fmt::Debug for Policy {
             .field("digest", &self.digest)
             .field("generation", &self.generation)
             .finish_non_exhaustive()
+    }
+}
+
+/// Compiles the decision rule for regorus's virtual machine as `choice` requests.
+///
+/// Returns `None` when the interpreter is to be used: asked for, or `Auto` and the policy
+/// uses something the virtual machine does not support.
+fn compile_for_machine(
+    bundle: &Bundle,
+    compiled: CompiledPolicy,
+    rule: &str,
+    timer: Option<ExecutionTimerConfig>,
+    choice: EngineChoice,
+) -> Result<Option<MachineProgram>, PolicyError> {
+    if choice == EngineChoice::Interpreter {
+        return Ok(None);
+    }
+
+    let attempt = Compiler::compile_from_policy(&compiled, &[rule])
+        .map_err(|error| one_line(&error.to_string()))
+        .and_then(|program| {
+            let data: Value = serde_json::from_value(bundle.data().clone())
+                .map_err(|error| error.to_string())?;
+            let machine = MachineProgram { compiled, program, data, timer };
+            // Building one machine here proves the data loads, so threads never find out.
+            machine.new_machine().map_err(|error| one_line(&error.to_string()))?;
+            Ok(machine)
+        });
+
+    match (attempt, choice) {
+        (Ok(machine), _) => Ok(Some(machine)),
+        (Err(reason), EngineChoice::VirtualMachine) => Err(PolicyError::Check {
+            message: format!("the policy cannot run in the virtual machine: {reason}"),
+        }),
+        (Err(reason), _) => {
+            info!(%rule, %reason, "policy uses what the virtual machine does not support; evaluating in the interpreter");
+            Ok(None)
+        }
     }
 }
 
