@@ -31,6 +31,18 @@ pub struct EnvoyOptions {
     pub check_timeout: Duration,
     /// Maximum bytes of request body that Envoy buffers and sends with the check.
     pub max_request_bytes: u32,
+    /// mTLS to portcullis; `None` connects with cleartext HTTP/2.
+    pub authz_tls: Option<EnvoyClientTls>,
+}
+
+/// Envoy's client side of mTLS to portcullis: its certificate and the CA it trusts.
+#[derive(Debug, Clone)]
+pub struct EnvoyClientTls {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub ca_bundle: PathBuf,
+    /// Sent as SNI and required as a DNS SAN of portcullis's certificate.
+    pub server_name: String,
 }
 
 impl EnvoyOptions {
@@ -44,6 +56,7 @@ impl EnvoyOptions {
             upstream_address,
             check_timeout: Duration::from_secs(2),
             max_request_bytes: 8192,
+            authz_tls: None,
         }
     }
 }
@@ -65,6 +78,7 @@ pub fn bootstrap_yaml(options: &EnvoyOptions) -> String {
         options.check_timeout.subsec_nanos()
     );
     let max_request_bytes = options.max_request_bytes;
+    let authz_transport_socket = options.authz_tls.as_ref().map(transport_socket_yaml).unwrap_or_default();
 
     format!(
         r#"static_resources:
@@ -112,7 +126,7 @@ pub fn bootstrap_yaml(options: &EnvoyOptions) -> String {
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:
           http2_protocol_options: {{}}
-    load_assignment:
+{authz_transport_socket}    load_assignment:
       cluster_name: portcullis
       endpoints:
       - lb_endpoints:
@@ -133,6 +147,34 @@ admin:
   address:
     socket_address: {{ address: 127.0.0.1, port_value: 0 }}
 "#
+    )
+}
+
+/// Returns the `transport_socket` of the portcullis cluster for mTLS, indented for the
+/// cluster's mapping. Envoy verifies that portcullis's certificate names `server_name`.
+fn transport_socket_yaml(tls: &EnvoyClientTls) -> String {
+    let path = |path: &Path| serde_json::Value::from(path.to_string_lossy()).to_string();
+    let name = serde_json::Value::from(tls.server_name.as_str()).to_string();
+    format!(
+        r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {name}
+        common_tls_context:
+          alpn_protocols: ["h2"]
+          tls_certificates:
+          - certificate_chain: {{ filename: {certificate} }}
+            private_key: {{ filename: {key} }}
+          validation_context:
+            trusted_ca: {{ filename: {ca} }}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{ exact: {name} }}
+"#,
+        certificate = path(&tls.certificate),
+        key = path(&tls.private_key),
+        ca = path(&tls.ca_bundle),
     )
 }
 

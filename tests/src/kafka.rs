@@ -133,12 +133,23 @@ impl ConsumedRecord {
     }
 }
 
+/// Options of [`Kafka::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct KafkaOptions {
+    /// Users (name, password) of an extra SASL_PLAINTEXT listener with the PLAIN mechanism.
+    /// The listener is added only when this is not empty; the PLAINTEXT listener stays.
+    pub sasl_plain_users: Vec<(String, String)>,
+}
+
 /// A single-node Kafka broker on 127.0.0.1, killed when dropped.
 pub struct Kafka {
     java: PathBuf,
     libs_dir: PathBuf,
     broker_port: u16,
     controller_port: u16,
+    /// Port of the SASL_PLAINTEXT listener, when [`KafkaOptions::sasl_plain_users`] is set.
+    sasl_port: Option<u16>,
+    options: KafkaOptions,
     /// `None` after [`Kafka::stop`] or [`Kafka::kill`].
     process: Option<ChildProcess>,
     /// Number of broker starts, which names each start's log file.
@@ -156,6 +167,11 @@ impl Kafka {
     /// Returns [`LaunchError::Unavailable`] when Kafka cannot be installed or Java cannot be
     /// run, so that callers can skip.
     pub async fn start() -> Result<Self, LaunchError> {
+        Kafka::start_with(KafkaOptions::default()).await
+    }
+
+    /// Like [`Kafka::start`], with the listeners that `options` ask for.
+    pub async fn start_with(options: KafkaOptions) -> Result<Self, LaunchError> {
         let libs_dir = kafka_libs_dir()?;
         let java = java_binary()?;
 
@@ -169,11 +185,21 @@ impl Kafka {
             LaunchError::io("finding a free port for Kafka's controller", source)
         })?;
 
+        let sasl_port = if options.sasl_plain_users.is_empty() {
+            None
+        } else {
+            Some(free_port().map_err(|source| {
+                LaunchError::io("finding a free port for Kafka's SASL listener", source)
+            })?)
+        };
+
         let mut kafka = Kafka {
             java,
             libs_dir,
             broker_port,
             controller_port,
+            sasl_port,
+            options,
             process: None,
             starts: 0,
             work_dir,
@@ -192,6 +218,13 @@ impl Kafka {
 
     pub fn broker_address(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.broker_port))
+    }
+
+    /// Returns `127.0.0.1:PORT` of the SASL_PLAINTEXT listener, or `None` when the broker was
+    /// started without SASL users.
+    pub fn sasl_bootstrap_servers(&self) -> Option<String> {
+        self.sasl_port
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)).to_string())
     }
 
     /// Returns whether the broker process was started and not yet stopped or killed.
@@ -379,7 +412,11 @@ impl Kafka {
 
     fn write_configuration(&self) -> Result<(), LaunchError> {
         let data_dir = self.work_dir.path().join("data");
-        let properties = server_properties(self.broker_port, self.controller_port, &data_dir);
+        let mut properties = server_properties(self.broker_port, self.controller_port, &data_dir);
+        if let Some(sasl_port) = self.sasl_port {
+            properties =
+                with_sasl_plain_listener(&properties, sasl_port, &self.options.sasl_plain_users);
+        }
         let files = [
             (self.server_properties_path(), properties),
             (self.broker_log4j2_path(), BROKER_LOG4J2.to_string()),
@@ -604,6 +641,41 @@ group.initial.rebalance.delay.ms=0
     )
 }
 
+/// Adds a SASL_PLAINTEXT listener on `sasl_port` to broker `properties`, accepting the PLAIN
+/// mechanism for `users` (name, password). Brokers and controllers keep talking over the
+/// PLAINTEXT and CONTROLLER listeners.
+pub fn with_sasl_plain_listener(
+    properties: &str,
+    sasl_port: u16,
+    users: &[(String, String)],
+) -> String {
+    let listener = format!("SASL_PLAINTEXT://127.0.0.1:{sasl_port}");
+    let mut lines: Vec<String> = properties
+        .lines()
+        .map(|line| {
+            if let Some(rest) = line.strip_prefix("listeners=") {
+                format!("listeners={listener},{rest}")
+            } else if let Some(rest) = line.strip_prefix("advertised.listeners=") {
+                format!("advertised.listeners={listener},{rest}")
+            } else if let Some(rest) = line.strip_prefix("listener.security.protocol.map=") {
+                format!("listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,{rest}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    let credentials: String = users
+        .iter()
+        .map(|(name, password)| format!(" user_{name}=\"{password}\""))
+        .collect();
+    lines.push("sasl.enabled.mechanisms=PLAIN".to_string());
+    lines.push(format!(
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config=\
+         org.apache.kafka.common.security.plain.PlainLoginModule required{credentials};"
+    ));
+    lines.join("\n") + "\n"
+}
+
 /// Returns the console producer's input for `records`: one `KEY<TAB>VALUE` line each.
 fn producer_input(records: &[(&str, &str)]) -> Result<String, KafkaError> {
     let mut input = String::new();
@@ -738,6 +810,27 @@ mod tests {
         assert!(lines.contains(&"controller.quorum.bootstrap.servers=127.0.0.1:9093"));
         assert!(lines.contains(&"log.dirs=/tmp/kafka-data"));
         assert!(lines.contains(&"auto.create.topics.enable=false"));
+    }
+
+    #[test]
+    fn sasl_listener_is_added_before_the_others() {
+        let base = server_properties(9092, 9093, Path::new("/tmp/kafka-data"));
+        let users = [("audit".to_string(), "secret".to_string())];
+
+        let properties = with_sasl_plain_listener(&base, 9094, &users);
+        let lines: Vec<&str> = properties.lines().collect();
+
+        assert!(lines.contains(
+            &"listeners=SASL_PLAINTEXT://127.0.0.1:9094,PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
+        ));
+        assert!(lines.contains(
+            &"listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        ));
+        assert!(lines.contains(&"sasl.enabled.mechanisms=PLAIN"));
+        assert!(lines.contains(
+            &"listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_audit=\"secret\";"
+        ));
+        assert!(lines.contains(&"inter.broker.listener.name=PLAINTEXT"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod keycloak;
 mod portcullis;
 mod process;
 mod upstream;
+pub mod vault;
 
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -21,7 +22,9 @@ use std::path::PathBuf;
 
 pub use bundle::write_bundle;
 pub use client::{ClientError, HttpRequest, HttpResponse, send};
-pub use envoy::{ENVOY_BINARY_VARIABLE, Envoy, EnvoyOptions, bootstrap_yaml, envoy_binary};
+pub use envoy::{
+    ENVOY_BINARY_VARIABLE, Envoy, EnvoyClientTls, EnvoyOptions, bootstrap_yaml, envoy_binary,
+};
 pub use error::LaunchError;
 pub use keycloak::{
     KEYCLOAK_ADMIN_PASSWORD, KEYCLOAK_ADMIN_USER, KEYCLOAK_JAVA_HOME_VARIABLE, Keycloak,

@@ -33,6 +33,9 @@ pub struct PortcullisOptions {
     /// How long portcullis lets in-flight checks finish after SIGTERM.
     pub drain: Duration,
     pub log_level: String,
+    /// YAML appended to the generated config as is, for sections the launcher does not
+    /// write itself (such as `tls` and `vault`).
+    pub extra_config: String,
 }
 
 impl PortcullisOptions {
@@ -46,6 +49,7 @@ impl PortcullisOptions {
             drain: Duration::from_secs(5),
             // Debug level for everything would fill the log tail with HTTP/2 frame traces.
             log_level: "info,portcullis=debug,portcullis_authz=debug,portcullis_policy=debug,portcullis_audit=debug".to_string(),
+            extra_config: String::new(),
         }
     }
 }
@@ -75,7 +79,7 @@ log:
   format: text
 shutdown:
   drain: {drain}
-",
+{extra}",
         grpc = yaml_string(&grpc_address.to_string()),
         admin = yaml_string(&admin_address.to_string()),
         bundle = yaml_string(&options.bundle.to_string_lossy()),
@@ -84,6 +88,7 @@ shutdown:
         audit = yaml_string(&audit_path.to_string_lossy()),
         level = yaml_string(&options.log_level),
         drain = yaml_string(&format!("{}ms", options.drain.as_millis())),
+        extra = options.extra_config,
     )
 }
 

@@ -93,9 +93,10 @@ Whether the audit mode keeps files in the spool emptyDir.
 The sidecar's config.yaml. The paths of the policy bundle, the Vault token and the audit
 spool are where the injector mounts them (see crates/portcullis-inject/src/sidecar.rs).
 JWT providers are passed through as the sidecar's jwt.providers (docs/configuration.md).
-NOTE: docs/configuration.md does not define the keys rendered for Kafka, the spool, Vault
-and a bundle URL yet. These names are provisional and may need sidecar.configOverrides
-until the sidecar reads them.
+The audit keys follow docs/configuration.md; the instance id defaults to the pod name (the
+container's HOSTNAME). NOTE: no checkpoint signing key is mounted yet, so the sidecar warns
+and writes an unsigned chain; set audit.checkpoint.signing_key_file through
+sidecar.configOverrides with a key mounted from a Secret.
 */}}
 {{- define "portcullis.sidecarConfig" -}}
 {{- $config := dict }}
@@ -103,19 +104,15 @@ until the sidecar reads them.
 {{- $_ := set $config "admin" (dict "address" (printf "0.0.0.0:%d" (int .Values.sidecar.adminPort))) }}
 {{- $bundle := .Values.policy.bundleUrl | default "/etc/portcullis-policy" }}
 {{- $_ := set $config "policy" (dict "bundle" $bundle "decision" .Values.policy.decision "reload_interval" .Values.policy.reloadInterval) }}
-{{- $audit := dict "timeout" .Values.audit.timeout }}
+{{- $audit := dict "timeout" .Values.audit.timeout "mode" .Values.audit.mode }}
 {{- if eq .Values.audit.mode "file" }}
-{{- $_ := set $audit "sink" "file" }}
 {{- $_ := set $audit "path" "/var/lib/portcullis/spool/decisions.jsonl" }}
 {{- else if has .Values.audit.mode (list "kafka" "spool") }}
-{{- $_ := set $audit "sink" "kafka" }}
-{{- $kafka := dict "brokers" .Values.kafka.brokers "topic" .Values.kafka.topic }}
+{{- $kafka := dict "bootstrap_servers" .Values.kafka.brokers "topic" .Values.kafka.topic }}
 {{- $_ := set $audit "kafka" (mergeOverwrite $kafka (deepCopy .Values.kafka.settings)) }}
 {{- if eq .Values.audit.mode "spool" }}
-{{- $_ := set $audit "spool" (dict "path" "/var/lib/portcullis/spool") }}
+{{- $_ := set $audit "spool" (dict "dir" "/var/lib/portcullis/spool") }}
 {{- end }}
-{{- else }}
-{{- $_ := set $audit "sink" .Values.audit.mode }}
 {{- end }}
 {{- $_ := set $config "audit" $audit }}
 {{- if .Values.jwt.providers }}

@@ -5,15 +5,20 @@ use serde::Serialize;
 /// One authorization decision, as recorded by a [`crate::DecisionSink`].
 ///
 /// The schema is versioned by `schema`; a field is only ever added, never renamed or
-/// reused, so readers of older events keep working.
+/// reused, so readers of older events keep working. Sinks that chain their records add
+/// `instance_id`, `sequence`, `prev_hash` and `hash` around these members (see [`crate::chain`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionEvent {
     pub schema: &'static str,
+    /// Unique id of this record (UUID v7), distinct from the decision id so that a reader can
+    /// tell a resent copy of one record from two records about one decision.
+    pub event_id: String,
     pub decision_id: String,
     /// Time the check arrived, RFC 3339 in UTC with microseconds.
     pub time: String,
     /// The request as summarised by the authorization service (method, authority, path,
-    /// addresses, principals, request id). Raw headers and bodies are never included.
+    /// addresses, principals, request id, trace context) and the headers named by the
+    /// configured allow-list. Other headers and bodies are never included.
     pub request: serde_json::Value,
     /// The caller's identity when token verification is configured: the outcome (`valid`,
     /// `no_token` or why the token was rejected), provider, issuer, subject, key id,
@@ -51,7 +56,7 @@ pub struct EventPolicy {
 
 impl DecisionEvent {
     /// Current schema identifier of [`DecisionEvent`].
-    pub const SCHEMA: &'static str = "portcullis.decision.v1";
+    pub const SCHEMA: &'static str = "portcullis.decision.v2";
 }
 
 /// Formats a time as RFC 3339 in UTC with microseconds, e.g. `2026-12-04T19:42:58.123456Z`.

@@ -6,7 +6,10 @@ use std::thread;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
+use std::sync::Arc;
+
 use crate::DecisionEvent;
+use crate::chain::{ChainHead, record_header, seal, stated_hash};
 
 /// Number of events waiting for the writer before `record` waits for room. Large enough
 /// to absorb a burst while the writer fsyncs, small enough to bound memory (a few MB).
@@ -27,6 +30,12 @@ pub trait DecisionSink: Send + Sync {
     /// Waits until every event recorded so far is durable.
     fn flush(&self) -> BoxFuture<'static, Result<(), SinkError>>;
 
+    /// Ends recording at shutdown: the audit pipeline writes its shutdown checkpoint here.
+    /// Other sinks only flush.
+    fn close(&self) -> BoxFuture<'static, Result<(), SinkError>> {
+        self.flush()
+    }
+
     /// Short name for logs and metrics (`file`, `stdout`, `none`).
     fn name(&self) -> &'static str;
 }
@@ -42,6 +51,10 @@ pub enum SinkError {
     Encode(String),
     #[error("decision event writer for {0} has stopped")]
     Stopped(String),
+    #[error("audit log is full: {reason}")]
+    Full { reason: String },
+    #[error("decision event not acknowledged by the transport within {timeout:?}")]
+    NotAcknowledged { timeout: std::time::Duration },
 }
 
 /// Accepts every event and keeps none. For deployments that audit elsewhere, and for tests.
@@ -62,22 +75,52 @@ impl DecisionSink for NullSink {
     }
 }
 
-/// Appends events as JSON lines to a file, with group commit: the writer thread writes
-/// every queued event, fsyncs once (when enabled), then acknowledges the whole batch.
+/// Appends events as chained JSON lines to a file, with group commit: the writer thread
+/// writes every queued event, fsyncs once (when enabled), then acknowledges the whole batch.
+/// The chain continues from the file's last record when it belongs to the same instance. The
+/// file sink writes no checkpoints; the spool mode of the audit pipeline does.
 pub struct FileSink {
     writer: LineWriter,
 }
 
 impl FileSink {
     /// Opens (or creates) `path` for appending, creating missing parent folders.
-    pub fn open(path: &Path, fsync: bool) -> Result<Self, SinkError> {
+    pub fn open(path: &Path, fsync: bool, instance_id: &str) -> Result<Self, SinkError> {
         let open_error = |error: io::Error| SinkError::Open { path: path.to_owned(), reason: error.to_string() };
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(open_error)?;
         }
+        let head = last_chain_head(path, instance_id).map_err(open_error)?;
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(open_error)?;
         let target = Target::File { writer: BufWriter::new(file), fsync };
-        Ok(Self { writer: LineWriter::spawn(path.display().to_string(), target) })
+        Ok(Self { writer: LineWriter::spawn(path.display().to_string(), target, Chain::new(instance_id, head)) })
+    }
+}
+
+/// Returns the head of `instance_id`'s chain from the last line of an existing file.
+fn last_chain_head(path: &Path, instance_id: &str) -> io::Result<ChainHead> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(ChainHead::genesis()),
+        Err(error) => return Err(error),
+    };
+    let last = text.split(|byte| *byte == b'\n').rfind(|line| !line.is_empty());
+    let head = last.and_then(|line| {
+        let header = record_header(line).ok().filter(|header| header.instance_id == instance_id)?;
+        Some(ChainHead { sequence: header.sequence, hash: stated_hash(line)?.to_owned() })
+    });
+    Ok(head.unwrap_or_else(ChainHead::genesis))
+}
+
+/// The chain state of a line writer.
+struct Chain {
+    instance_id: Arc<str>,
+    head: ChainHead,
+}
+
+impl Chain {
+    fn new(instance_id: &str, head: ChainHead) -> Chain {
+        Chain { instance_id: Arc::from(instance_id), head }
     }
 }
 
@@ -101,14 +144,10 @@ pub struct StdoutSink {
 }
 
 impl StdoutSink {
-    pub fn new() -> Self {
-        Self { writer: LineWriter::spawn("stdout".to_owned(), Target::Stdout(io::stdout())) }
-    }
-}
-
-impl Default for StdoutSink {
-    fn default() -> Self {
-        Self::new()
+    /// Starts a chain for `instance_id`; each run of the process starts a new chain, since
+    /// standard output cannot be read back.
+    pub fn new(instance_id: &str) -> Self {
+        Self { writer: LineWriter::spawn("stdout".to_owned(), Target::Stdout(io::stdout()), Chain::new(instance_id, ChainHead::genesis())) }
     }
 }
 
@@ -154,6 +193,7 @@ impl Target {
 }
 
 enum Message {
+    /// An encoded event, chained by the writer thread.
     Record { line: Vec<u8>, done: oneshot::Sender<Result<(), SinkError>> },
     Flush { done: oneshot::Sender<Result<(), SinkError>> },
 }
@@ -166,22 +206,19 @@ struct LineWriter {
 }
 
 impl LineWriter {
-    fn spawn(target_name: String, target: Target) -> Self {
+    fn spawn(target_name: String, target: Target, chain: Chain) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_target = target_name.clone();
         thread::Builder::new()
             .name("decision-writer".to_owned())
-            .spawn(move || write_batches(thread_target, target, receiver))
+            .spawn(move || write_batches(thread_target, target, chain, receiver))
             .expect("spawning the decision writer thread");
         Self { target_name, queue }
     }
 
     fn record(&self, event: &DecisionEvent) -> BoxFuture<'static, Result<(), SinkError>> {
         let line = match serde_json::to_vec(event) {
-            Ok(mut line) => {
-                line.push(b'\n');
-                line
-            }
+            Ok(line) => line,
             Err(error) => return Box::pin(async move { Err(SinkError::Encode(error.to_string())) }),
         };
         let (done, acknowledged) = oneshot::channel();
@@ -208,7 +245,7 @@ impl LineWriter {
     }
 }
 
-fn write_batches(target_name: String, mut target: Target, mut receiver: mpsc::Receiver<Message>) {
+fn write_batches(target_name: String, mut target: Target, mut chain: Chain, mut receiver: mpsc::Receiver<Message>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
@@ -219,13 +256,29 @@ fn write_batches(target_name: String, mut target: Target, mut receiver: mpsc::Re
             }
         }
 
+        let head_before = chain.head.clone();
         let mut outcome = Ok(());
         for message in &batch {
             if let Message::Record { line, .. } = message {
-                outcome = outcome.and_then(|()| target.write_line(line));
+                let sealed = match seal(&chain.instance_id, &chain.head, line) {
+                    Ok((record, head)) => {
+                        chain.head = head;
+                        let mut sealed = record.bytes.to_vec();
+                        sealed.push(b'\n');
+                        sealed
+                    }
+                    Err(error) => {
+                        outcome = outcome.and_then(|()| Err(io::Error::other(error.to_string())));
+                        continue;
+                    }
+                };
+                outcome = outcome.and_then(|()| target.write_line(&sealed));
             }
         }
         let outcome = outcome.and_then(|()| target.commit()).map_err(|error| {
+            // The lines may be partly written; continuing from the old head keeps the chain
+            // linked to what a reader can verify.
+            chain.head = head_before.clone();
             tracing::error!(sink.target = %target_name, %error, "writing decision events failed");
             SinkError::Write { target: target_name.clone(), reason: error.to_string() }
         });
@@ -243,30 +296,13 @@ fn write_batches(target_name: String, mut target: Target, mut receiver: mpsc::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EventDecision, EventPolicy};
-
-    fn event(id: &str) -> DecisionEvent {
-        DecisionEvent {
-            schema: DecisionEvent::SCHEMA,
-            decision_id: id.to_owned(),
-            time: "2026-01-01T00:00:00.000000Z".to_owned(),
-            request: serde_json::json!({"method": "GET", "path": "/a"}),
-            identity: None,
-            decision: EventDecision { allowed: true, http_status: 200, reason: None },
-            policy: EventPolicy {
-                bundle_revision: "r1".to_owned(),
-                bundle_digest: "sha256:00".to_owned(),
-                decision_path: "envoy/authz/allow".to_owned(),
-            },
-            latency_us: 12,
-        }
-    }
+    use crate::test_event as event;
 
     #[tokio::test]
     async fn file_sink_appends_one_line_per_event() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/decisions.jsonl");
-        let sink = FileSink::open(&path, true).unwrap();
+        let sink = FileSink::open(&path, true, "pod-a").unwrap();
 
         let records: Vec<_> = (0..50).map(|i| sink.record(&event(&format!("d{i}")))).collect();
         for record in records {
@@ -288,7 +324,7 @@ mod tests {
         let path = dir.path().join("decisions.jsonl");
         std::fs::write(&path, "{\"earlier\":true}\n").unwrap();
 
-        let sink = FileSink::open(&path, false).unwrap();
+        let sink = FileSink::open(&path, false, "pod-a").unwrap();
         sink.record(&event("d1")).await.unwrap();
         sink.flush().await.unwrap();
 
@@ -297,20 +333,41 @@ mod tests {
         assert_eq!(text.lines().next().unwrap(), "{\"earlier\":true}");
     }
 
+    #[tokio::test]
+    async fn file_sink_chain_continues_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let sink = FileSink::open(&path, false, "pod-a").unwrap();
+        sink.record(&event("d1")).await.unwrap();
+        sink.record(&event("d2")).await.unwrap();
+        drop(sink);
+
+        let sink = FileSink::open(&path, false, "pod-a").unwrap();
+        sink.record(&event("d3")).await.unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let records: Vec<serde_json::Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        let sequences: Vec<u64> = records.iter().map(|record| record["sequence"].as_u64().unwrap()).collect();
+        assert_eq!(sequences, vec![1, 2, 3]);
+        assert_eq!(records[0]["prev_hash"], crate::chain::GENESIS_HASH);
+        assert_eq!(records[2]["prev_hash"], records[1]["hash"]);
+        assert_eq!(records[1]["prev_hash"], records[0]["hash"]);
+    }
+
     #[test]
     fn file_sink_reports_unwritable_path() {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, "").unwrap();
 
-        let error = FileSink::open(&blocker.join("decisions.jsonl"), true).err().unwrap();
+        let error = FileSink::open(&blocker.join("decisions.jsonl"), true, "pod-a").err().unwrap();
         assert!(matches!(error, SinkError::Open { .. }), "{error}");
     }
 
     #[tokio::test]
     async fn event_serialises_with_schema_and_omits_missing_reason() {
         let value = serde_json::to_value(event("d1")).unwrap();
-        assert_eq!(value["schema"], "portcullis.decision.v1");
+        assert_eq!(value["schema"], "portcullis.decision.v2");
         assert_eq!(value["decision"], serde_json::json!({"allowed": true, "http_status": 200}));
         assert_eq!(value["policy"]["bundle_revision"], "r1");
     }

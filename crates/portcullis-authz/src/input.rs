@@ -23,7 +23,7 @@ use regorus::value::Object;
 
 use crate::protojson::{encode_attribute_context, key};
 
-pub use summary::RequestSummary;
+pub use summary::{RequestSummary, selected_headers};
 pub use wire::decode_check_request;
 
 /// The input document of one check, with the request facts that decision logs and audit events

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::decision::{Decision, check_response, parse_decision};
 use crate::identity::{Authentication, IdentityCheck, OnInvalidToken, identity_document, identity_error_document, identity_event};
-use crate::input::{InputError, RequestSummary, build_input};
+use crate::input::{InputError, RequestSummary, build_input, selected_headers};
 use portcullis_jwt::TokenOutcome;
 
 /// Status sent when portcullis itself cannot decide (policy error, undefined or malformed
@@ -28,6 +28,20 @@ const MALFORMED_BODY_STATUS: u16 = 400;
 const INVALID_TOKEN_STATUS: u16 = 401;
 /// Status when a token cannot be verified because its provider's keys are unavailable.
 const KEYS_UNAVAILABLE_STATUS: u16 = 503;
+
+/// Text that replaces a redacted member of a decision event.
+pub const REDACTED: &str = "[redacted]";
+
+/// Contents of decision events beyond the fixed request summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventOptions {
+    /// Lowercase names of request headers copied into `request.headers` when present.
+    pub headers: Vec<String>,
+    /// Dotted paths of members replaced by [`REDACTED`] when present: `request.<member>` (also
+    /// `request.headers.<name>` and `request.trace.<name>`), `identity.<member>` or
+    /// `decision.reason`.
+    pub redact: Vec<String>,
+}
 
 /// Receives the outcome of every check, for metrics.
 pub trait CheckObserver: Send + Sync {
@@ -75,6 +89,7 @@ pub struct Authorizer {
     observer: Arc<dyn CheckObserver>,
     audit_timeout: Duration,
     authentication: Option<Authentication>,
+    events: EventOptions,
 }
 
 /// A decision and how it came about, before it is recorded.
@@ -92,7 +107,13 @@ impl Authorizer {
         observer: Arc<dyn CheckObserver>,
         audit_timeout: Duration,
     ) -> Self {
-        Self { policies, sink, observer, audit_timeout, authentication: None }
+        Self { policies, sink, observer, audit_timeout, authentication: None, events: EventOptions::default() }
+    }
+
+    /// Sets the headers and redactions of decision events.
+    pub fn with_event_options(mut self, events: EventOptions) -> Self {
+        self.events = events;
+        self
     }
 
     /// Verifies callers' tokens before the policy runs.
@@ -120,9 +141,10 @@ impl Authorizer {
 
         let mut event = DecisionEvent {
             schema: DecisionEvent::SCHEMA,
+            event_id: uuid::Uuid::now_v7().to_string(),
             decision_id: decision_id.clone(),
             time: format_rfc3339(time),
-            request: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
+            request: self.request_event(&request, &summary),
             identity: identity.as_ref().map(|identity| identity_event(&identity.outcome)),
             decision: event_decision(&verdict),
             policy: EventPolicy {
@@ -132,6 +154,7 @@ impl Authorizer {
             },
             latency_us: latency.as_micros().try_into().unwrap_or(u64::MAX),
         };
+        redact(&mut event, &self.events.redact);
 
         if let Err(reason) = self.record(&event).await {
             warn!(decision.id = %decision_id, sink = self.sink.name(), %reason, "decision event not recorded; denying the request");
@@ -157,6 +180,19 @@ impl Authorizer {
             response,
             event,
         }
+    }
+
+    /// Builds the `request` member of an event: the summary and the allowed headers.
+    fn request_event(&self, request: &CheckRequest, summary: &RequestSummary) -> serde_json::Value {
+        let mut value = serde_json::to_value(summary).unwrap_or(serde_json::Value::Null);
+        if self.events.headers.is_empty() {
+            return value;
+        }
+        let headers = selected_headers(request, &self.events.headers);
+        if let (Some(object), false) = (value.as_object_mut(), headers.is_empty()) {
+            object.insert("headers".to_owned(), serde_json::json!(headers));
+        }
+        value
     }
 
     async fn record(&self, event: &DecisionEvent) -> Result<(), String> {
@@ -253,6 +289,42 @@ fn apply_upstream_headers(decision: &mut Decision, identity: &IdentityCheck) {
     decision.query_parameters_to_remove.extend(upstream.remove_query_parameters.iter().cloned());
 }
 
+/// Replaces the members named by `paths` with [`REDACTED`] where the event has them.
+fn redact(event: &mut DecisionEvent, paths: &[String]) {
+    for path in paths {
+        let (root, rest) = path.split_once('.').unwrap_or((path.as_str(), ""));
+        match root {
+            "request" => redact_value(&mut event.request, rest),
+            "identity" => {
+                if let Some(identity) = event.identity.as_mut() {
+                    redact_value(identity, rest);
+                }
+            }
+            "decision" if rest == "reason" => {
+                if let Some(reason) = event.decision.reason.as_mut() {
+                    *reason = REDACTED.to_owned();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Replaces the member at a dotted path inside `value`. At each level the rest of the path is
+/// first tried as one member name, so header names that contain a dot can be redacted.
+fn redact_value(value: &mut serde_json::Value, path: &str) {
+    let Some(object) = value.as_object_mut() else { return };
+    if let Some(member) = object.get_mut(path) {
+        *member = serde_json::Value::String(REDACTED.to_owned());
+        return;
+    }
+    if let Some((first, rest)) = path.split_once('.')
+        && let Some(member) = object.get_mut(first)
+    {
+        redact_value(member, rest);
+    }
+}
+
 fn event_decision(verdict: &Verdict) -> EventDecision {
     let decision = &verdict.decision;
     EventDecision {
@@ -309,3 +381,6 @@ impl Authorization for AuthzService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -359,16 +359,16 @@ fn rendered_injector_config_agrees_with_sidecar_config() {
                 ),
                 None => assert_eq!(config.get("vault"), None, "{name}"),
             }
-            let sink = config["audit"]["sink"].as_str().expect("audit.sink");
+            let mode = config["audit"]["mode"].as_str().expect("audit.mode");
             match &sidecar.audit_spool {
-                Some(_) if sink == "file" => assert!(
+                Some(_) if mode == "file" => assert!(
                     config["audit"]["path"]
                         .as_str()
                         .is_some_and(|path| path.starts_with(AUDIT_SPOOL_MOUNT_PATH)),
                     "{name}: {config}"
                 ),
                 Some(_) => assert_eq!(
-                    config["audit"]["spool"]["path"], AUDIT_SPOOL_MOUNT_PATH,
+                    config["audit"]["spool"]["dir"], AUDIT_SPOOL_MOUNT_PATH,
                     "{name}"
                 ),
                 None => assert_eq!(config["audit"].get("spool"), None, "{name}"),

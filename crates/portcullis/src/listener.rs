@@ -1,7 +1,7 @@
-//! Listeners for the ext_authz gRPC service on TCP and on a Unix socket.
+//! Listeners for the ext_authz gRPC service on TCP (cleartext or mTLS) and on a Unix socket.
 //!
 //! Each accepted connection must open with the HTTP/2 client preface before it reaches the
-//! gRPC server. Anything else (an HTTP/1.1 request, a TLS handshake, a port scan) is logged
+//! gRPC server. On an mTLS listener the preface is checked inside TLS, after the handshake. Anything else (an HTTP/1.1 request, a TLS handshake, a port scan) is logged
 //! with what it sent and closed, so a misconfigured Envoy cluster shows up in the log
 //! instead of as an opaque protocol error.
 
@@ -14,6 +14,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, UdsConnectInfo};
 use tracing::{debug, warn};
@@ -36,12 +38,42 @@ pub async fn bind_tcp(address: std::net::SocketAddr) -> io::Result<(std::net::So
     let listener = TcpListener::bind(address).await?;
     let local = listener.local_addr()?;
     let (sender, receiver) = mpsc::channel(ACCEPTED_BACKLOG);
+    spawn_tcp_accept_loop(listener, local, sender, |stream, peer, sender| {
+        tokio::spawn(check_preface(stream, peer, sender));
+    });
+    Ok((local, ReceiverStream::new(receiver)))
+}
+
+/// Binds a TCP listener that requires mTLS and returns the stream of connections that
+/// completed the handshake and then sent the HTTP/2 preface. `acceptor` decides which
+/// certificate is presented and which client certificates are accepted, per handshake.
+pub async fn bind_tcp_tls(
+    address: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+) -> io::Result<(std::net::SocketAddr, Incoming<TlsStream<tokio::net::TcpStream>>)> {
+    let listener = TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    let (sender, receiver) = mpsc::channel(ACCEPTED_BACKLOG);
+    spawn_tcp_accept_loop(listener, local, sender, move |stream, peer, sender| {
+        tokio::spawn(accept_tls(stream, peer, acceptor.clone(), sender));
+    });
+    Ok((local, ReceiverStream::new(receiver)))
+}
+
+/// Accepts connections and hands each to `handle` with the peer's address, until the gRPC
+/// server stops reading from `sender`.
+fn spawn_tcp_accept_loop<T: Send + 'static>(
+    listener: TcpListener,
+    local: std::net::SocketAddr,
+    sender: mpsc::Sender<T>,
+    handle: impl Fn(tokio::net::TcpStream, String, mpsc::Sender<T>) + Send + 'static,
+) {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(check_preface(stream, peer.to_string(), sender.clone()));
+                    handle(stream, peer.to_string(), sender.clone());
                 }
                 Err(error) => {
                     warn!(listener = %local, %error, "accepting a connection failed");
@@ -53,7 +85,37 @@ pub async fn bind_tcp(address: std::net::SocketAddr) -> io::Result<(std::net::So
             }
         }
     });
-    Ok((local, ReceiverStream::new(receiver)))
+}
+
+/// Completes the TLS handshake, then checks the HTTP/2 preface inside TLS.
+async fn accept_tls(
+    stream: tokio::net::TcpStream,
+    peer: String,
+    acceptor: TlsAcceptor,
+    accepted: mpsc::Sender<io::Result<Preface<TlsStream<tokio::net::TcpStream>>>>,
+) {
+    // A TLS client starts with a handshake record (0x16). Anything else is a client that was
+    // not configured for TLS, which deserves a clearer log line than a TLS error.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(PREFACE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(0)) => return debug!(peer = %peer, "connection closed before sending anything"),
+        Ok(Ok(_)) if first[0] != 0x16 => {
+            return warn!(peer = %peer, "rejected a cleartext connection: this listener requires mTLS; give the Envoy cluster a transport_socket with an UpstreamTlsContext and a client certificate");
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => return debug!(peer = %peer, %error, "connection failed before the TLS handshake"),
+        Err(_) => return warn!(peer = %peer, timeout = ?PREFACE_TIMEOUT, "rejected a connection that sent nothing in time"),
+    }
+
+    match tokio::time::timeout(PREFACE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let (_, connection) = tls.get_ref();
+            debug!(peer = %peer, tls.version = ?connection.protocol_version(), tls.alpn = ?connection.alpn_protocol().map(String::from_utf8_lossy), "TLS handshake completed");
+            check_preface(tls, peer, accepted).await;
+        }
+        Ok(Err(error)) => warn!(peer = %peer, %error, "TLS handshake failed; clients must present a certificate that chains to the trust bundle"),
+        Err(_) => warn!(peer = %peer, timeout = ?PREFACE_TIMEOUT, "TLS handshake timed out"),
+    }
 }
 
 /// Binds a Unix socket, replacing a stale socket file left by an earlier run, and returns
@@ -232,6 +294,14 @@ impl Connected for Preface<tokio::net::TcpStream> {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
+    }
+}
+
+impl Connected for Preface<TlsStream<tokio::net::TcpStream>> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.get_ref().0.connect_info()
     }
 }
 

@@ -4,6 +4,7 @@
 //! endpoint, signals and the offline tools.
 
 mod admin;
+mod audit;
 mod check;
 mod config;
 mod inject;
@@ -35,8 +36,8 @@ pub const EXIT_FAILURE: u8 = 1;
         records one decision event per check, and only then answers allow or deny.\n\n\
         Start with the bundled local setup:\n  \
         portcullis serve --config deploy/local/portcullis.yaml\n\n\
-        Exit codes: 0 success, 1 failure, 2 bad command line, 65 invalid policy bundle, \
-        78 invalid configuration.",
+        Exit codes: 0 success, 1 failure (for audit verify: a problem found), 2 bad command line, \
+        64 unreadable key or input, 65 invalid policy bundle, 78 invalid configuration.",
     after_help = "Configuration keys are documented in docs/configuration.md; the policy input in docs/input.md."
 )]
 struct Cli {
@@ -75,6 +76,46 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Work with the audit chain: create a checkpoint signing key, verify records.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write a new Ed25519 key pair for signing audit checkpoints. The private key file is
+    /// created with mode 0600; existing files are never overwritten.
+    Keygen {
+        /// Where to write the private key (PKCS#8 PEM); set audit.checkpoint.signing_key_file to it.
+        #[arg(long, value_name = "FILE")]
+        private_key: PathBuf,
+        /// Where to write the public key (SubjectPublicKeyInfo PEM), for `audit verify`.
+        #[arg(long, value_name = "FILE")]
+        public_key: PathBuf,
+    },
+    /// Verify the hash chains and signed checkpoints of audit records, and name the first
+    /// problem of each instance's chain. Exits 0 when every chain is whole, 1 when a problem
+    /// is found, 64 when a key or input cannot be read.
+    Verify {
+        /// Public key that signs checkpoints (PEM); repeat for keys of earlier rotations.
+        #[arg(long, value_name = "FILE", required = true)]
+        public_key: Vec<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Kafka brokers (HOST:PORT, comma-separated) to read `--topic` from, over plaintext.
+        #[arg(long, value_name = "HOST:PORT", requires = "topic")]
+        kafka_bootstrap: Option<String>,
+        /// Kafka topic to verify: every partition from its earliest offset up to its end when
+        /// the command starts.
+        #[arg(long, value_name = "NAME", requires = "kafka_bootstrap")]
+        topic: Option<String>,
+        /// JSON-lines files of records, or spool folders.
+        #[arg(value_name = "PATH", required_unless_present = "kafka_bootstrap")]
+        paths: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,6 +136,14 @@ fn main() -> ExitCode {
         Command::Check { config, request } => check::run(&config, &request),
         Command::Inject { config } => inject::run(&config),
         Command::Config { command: ConfigCommand::Validate { file } } => check::validate(&file),
+        Command::Audit { command: AuditCommand::Keygen { private_key, public_key } } => audit::keygen(&private_key, &public_key),
+        Command::Audit { command: AuditCommand::Verify { public_key, json, kafka_bootstrap, topic, paths } } => {
+            let mut sources: Vec<audit::RecordSource> = paths.iter().map(|path| audit::RecordSource::from_path(path)).collect();
+            if let (Some(bootstrap_servers), Some(topic)) = (kafka_bootstrap, topic) {
+                sources.push(audit::RecordSource::Kafka { bootstrap_servers, topic });
+            }
+            audit::verify(&public_key, json, &sources)
+        }
     };
     ExitCode::from(code)
 }

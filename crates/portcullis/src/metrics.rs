@@ -46,6 +46,32 @@ struct RefreshLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VaultLoginLabels {
+    /// `kubernetes`, `approle` or `token`.
+    method: String,
+    /// `success` or `failure`.
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    /// `success` or `failure`.
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditFailureLabels {
+    /// `full`, `write`, `transport_timeout`, `transport_retriable`, `transport_fatal`,
+    /// `delivery_timeout` or `delivery_fallback`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     /// `success` or `failure`.
     result: &'static str,
@@ -63,6 +89,18 @@ pub struct Metrics {
     jwt_verifications: Family<TokenLabels, Counter>,
     jwks_refreshes: Family<RefreshLabels, Counter>,
     jwks_key_age: Family<ProviderLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    audit_delivery_lag: Histogram,
+    audit_backlog_records: Gauge,
+    audit_backlog_bytes: Gauge,
+    audit_oldest_unshipped: Gauge<f64, std::sync::atomic::AtomicU64>,
+    audit_failures: Family<AuditFailureLabels, Counter>,
+    audit_checkpoints: Counter,
+    audit_transport_rebuilds: Family<TransportLabels, Counter>,
+    certificate_expiry: Gauge,
+    certificate_rotations: Counter,
+    certificate_rotation_failures: Counter,
+    vault_logins: Family<VaultLoginLabels, Counter>,
+    vault_token_renewals: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -99,7 +137,40 @@ impl Metrics {
         let jwks_key_age = Family::<ProviderLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register("jwks_key_age_seconds", "age of each provider's current key set", jwks_key_age.clone());
 
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "notAfter of the served mTLS certificate in unix seconds; 0 when none is served",
+            certificate_expiry.clone(),
+        );
+        let certificate_rotations = Counter::default();
+        registry.register("certificate_rotations", "mTLS certificates obtained, checked and installed", certificate_rotations.clone());
+        let certificate_rotation_failures = Counter::default();
+        registry.register("certificate_rotation_failures", "failed attempts to obtain or install an mTLS certificate", certificate_rotation_failures.clone());
+        let vault_logins = Family::<VaultLoginLabels, Counter>::default();
+        registry.register("vault_logins", "Vault logins by auth method and outcome", vault_logins.clone());
+        let vault_token_renewals = Family::<OutcomeLabels, Counter>::default();
+        registry.register("vault_token_renewals", "Vault token renewals by outcome", vault_token_renewals.clone());
+
+        // 1 ms to about 65 s: Kafka acknowledges in milliseconds, and the slow end shows an
+        // outage that the spool absorbs.
+        let audit_delivery_lag = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register("audit_delivery_lag_seconds", "time from recording an audit record to its acknowledgement by the transport", audit_delivery_lag.clone());
+        let audit_backlog_records = Gauge::default();
+        registry.register("audit_backlog_records", "audit records written locally and not yet acknowledged by the transport", audit_backlog_records.clone());
+        let audit_backlog_bytes = Gauge::default();
+        registry.register("audit_backlog_bytes", "bytes of the audit spool on disk, or of the memory queue without a spool", audit_backlog_bytes.clone());
+        let audit_oldest_unshipped = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register("audit_oldest_unshipped_seconds", "age of the oldest audit record not yet acknowledged by the transport", audit_oldest_unshipped.clone());
+        let audit_failures = Family::<AuditFailureLabels, Counter>::default();
+        registry.register("audit_failures", "audit pipeline failures by kind; full means checks were denied because the spool or queue was full", audit_failures.clone());
+        let audit_checkpoints = Counter::default();
+        registry.register("audit_checkpoints", "signed checkpoints written to the audit chain", audit_checkpoints.clone());
+        let audit_transport_rebuilds = Family::<TransportLabels, Counter>::default();
+        registry.register("audit_transport_rebuilds", "audit transport clients replaced after a fatal error or on request", audit_transport_rebuilds.clone());
+
         // Series that dashboards and alerts query exist from the start, at zero.
+        let _ = audit_failures.get_or_create(&AuditFailureLabels { kind: "full" });
         let _ = checks.get_or_create(&CheckLabels { outcome: "allowed", denied_by: "none" });
         let _ = checks.get_or_create(&CheckLabels { outcome: "denied", denied_by: "policy" });
         let _ = bundle_reloads.get_or_create(&ReloadLabels { result: "success" });
@@ -116,6 +187,18 @@ impl Metrics {
             jwt_verifications,
             jwks_refreshes,
             jwks_key_age,
+            audit_delivery_lag,
+            audit_backlog_records,
+            audit_backlog_bytes,
+            audit_oldest_unshipped,
+            audit_failures,
+            audit_checkpoints,
+            audit_transport_rebuilds,
+            certificate_expiry,
+            certificate_rotations,
+            certificate_rotation_failures,
+            vault_logins,
+            vault_token_renewals,
         }
     }
 
@@ -177,6 +260,65 @@ impl portcullis_jwt::JwtObserver for Metrics {
     }
 }
 
+impl portcullis_pki::PkiObserver for Metrics {
+    fn certificate_installed(&self, certificate: &portcullis_pki::CheckedCertificate) {
+        self.certificate_rotations.inc();
+        let expiry = certificate.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.certificate_expiry.set(i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    fn certificate_withdrawn(&self) {
+        self.certificate_expiry.set(0);
+    }
+
+    fn rotation_failed(&self, _error: &portcullis_pki::PkiError) {
+        self.certificate_rotation_failures.inc();
+    }
+
+    fn vault_login(&self, method: &str, outcome: &str) {
+        self.vault_logins.get_or_create(&VaultLoginLabels { method: method.to_owned(), outcome: outcome.to_owned() }).inc();
+    }
+
+    fn vault_token_renewal(&self, outcome: &str) {
+        self.vault_token_renewals.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+}
+
+impl portcullis_audit::AuditObserver for Metrics {
+    fn delivered(&self, lag: std::time::Duration) {
+        self.audit_delivery_lag.observe(lag.as_secs_f64());
+    }
+
+    fn backlog(&self, records: u64, bytes: u64, oldest: Option<std::time::Duration>) {
+        self.audit_backlog_records.set(i64::try_from(records).unwrap_or(i64::MAX));
+        self.audit_backlog_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.audit_oldest_unshipped.set(oldest.map_or(0.0, |age| age.as_secs_f64()));
+    }
+
+    fn failure(&self, kind: &'static str) {
+        self.audit_failures.get_or_create(&AuditFailureLabels { kind }).inc();
+    }
+
+    fn checkpoint_written(&self) {
+        self.audit_checkpoints.inc();
+    }
+
+    fn transport_rebuilt(&self, transport: &'static str, reason: &str) {
+        tracing::warn!(audit.transport = transport, reason, "audit transport rebuilt its client");
+        self.audit_transport_rebuilds.get_or_create(&TransportLabels { transport }).inc();
+    }
+}
+
+impl portcullis_kafka::RebuildObserver for Metrics {
+    fn producer_rebuilt(&self, event: &portcullis_kafka::RebuildEvent) {
+        let reason = match &event.reason {
+            portcullis_kafka::RebuildReason::Requested => "requested".to_owned(),
+            portcullis_kafka::RebuildReason::FatalError(reason) => format!("fatal error: {reason}"),
+        };
+        portcullis_audit::AuditObserver::transport_rebuilt(self, "kafka", &reason);
+    }
+}
+
 impl ReloadObserver for Metrics {
     fn reloaded(&self, revision: &str) {
         self.bundle_reloads.get_or_create(&ReloadLabels { result: "success" }).inc();
@@ -234,6 +376,48 @@ mod tests {
         assert!(text.contains("portcullis_jwt_verifications_total{provider=\"keycloak\",outcome=\"expired\",cached=\"false\"} 1"), "{text}");
         assert!(text.contains("portcullis_jwks_refreshes_total{provider=\"keycloak\",result=\"success\"} 1"), "{text}");
         assert!(text.contains("portcullis_jwks_key_age_seconds{provider=\"keycloak\"} 90.0"), "{text}");
+    }
+
+    #[test]
+    fn certificate_and_vault_events_are_counted() {
+        use portcullis_pki::PkiObserver;
+
+        let metrics = Metrics::new();
+        metrics.vault_login("kubernetes", "failure");
+        metrics.vault_login("kubernetes", "success");
+        metrics.vault_token_renewal("success");
+        metrics.rotation_failed(&portcullis_pki::PkiError::File { path: "cert.pem".to_owned(), reason: "not found".to_owned() });
+
+        let text = metrics.render();
+        assert!(text.contains("portcullis_vault_logins_total{method=\"kubernetes\",outcome=\"failure\"} 1"), "{text}");
+        assert!(text.contains("portcullis_vault_logins_total{method=\"kubernetes\",outcome=\"success\"} 1"), "{text}");
+        assert!(text.contains("portcullis_vault_token_renewals_total{outcome=\"success\"} 1"), "{text}");
+        assert!(text.contains("portcullis_certificate_rotation_failures_total 1"), "{text}");
+        assert!(text.contains("portcullis_certificate_rotations_total 0"), "{text}");
+        assert!(text.contains("portcullis_certificate_expiry_timestamp_seconds 0"), "{text}");
+    }
+
+    #[test]
+    fn audit_pipeline_measurements_are_exported() {
+        use portcullis_audit::AuditObserver;
+
+        let metrics = Metrics::new();
+        metrics.delivered(Duration::from_millis(3));
+        metrics.backlog(12, 4096, Some(Duration::from_millis(1500)));
+        metrics.failure("full");
+        metrics.failure("transport_timeout");
+        metrics.checkpoint_written();
+        metrics.transport_rebuilt("kafka", "fatal error: fenced");
+
+        let text = metrics.render();
+        assert!(text.contains("portcullis_audit_delivery_lag_seconds_count 1"), "{text}");
+        assert!(text.contains("portcullis_audit_backlog_records 12"), "{text}");
+        assert!(text.contains("portcullis_audit_backlog_bytes 4096"), "{text}");
+        assert!(text.contains("portcullis_audit_oldest_unshipped_seconds 1.5"), "{text}");
+        assert!(text.contains("portcullis_audit_failures_total{kind=\"full\"} 1"), "{text}");
+        assert!(text.contains("portcullis_audit_failures_total{kind=\"transport_timeout\"} 1"), "{text}");
+        assert!(text.contains("portcullis_audit_checkpoints_total 1"), "{text}");
+        assert!(text.contains("portcullis_audit_transport_rebuilds_total{transport=\"kafka\"} 1"), "{text}");
     }
 
     #[test]

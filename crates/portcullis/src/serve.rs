@@ -15,7 +15,11 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{AuditConfig, Config, JwtConfig, SinkKind};
+use crate::config::{AuditConfig, AuditMode, Config, JwtConfig, TlsConfig, TlsSource};
+use portcullis_pki::vault::VaultSession;
+use portcullis_pki::{CertificateRotator, CertificateSource, CertificateStore, Clock, FileSource, PkiObserver, SystemClock};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use portcullis_authz::identity::Authentication;
 use portcullis_jwt::{JwtObserver, Verifier};
 use crate::metrics::Metrics;
@@ -70,15 +74,17 @@ pub async fn start_authentication(jwt: &JwtConfig, observer: Arc<dyn JwtObserver
     Ok(Authentication { verifier: Arc::new(verifier), on_invalid_token: jwt.invalid_token })
 }
 
-/// Opens the configured decision sink.
-pub fn open_sink(config: &AuditConfig) -> Result<Arc<dyn DecisionSink>, String> {
-    Ok(match config.sink {
-        SinkKind::None => Arc::new(NullSink),
-        SinkKind::Stdout => Arc::new(StdoutSink::new()),
-        SinkKind::File => {
+/// Opens the configured decision sink: the audit pipeline for the `spool` and `kafka` modes.
+/// Must run inside the Tokio runtime, which the pipeline's shipper and timer use.
+pub fn open_sink(config: &AuditConfig, metrics: &Arc<Metrics>) -> Result<Arc<dyn DecisionSink>, String> {
+    Ok(match config.mode {
+        AuditMode::None => Arc::new(NullSink),
+        AuditMode::Stdout => Arc::new(StdoutSink::new(&config.instance_id)),
+        AuditMode::File => {
             let path = config.path.as_deref().ok_or("audit.path is not set")?;
-            Arc::new(FileSink::open(path, config.fsync).map_err(|error| error.to_string())?)
+            Arc::new(FileSink::open(path, config.fsync, &config.instance_id).map_err(|error| error.to_string())?)
         }
+        AuditMode::Spool | AuditMode::Kafka => Arc::new(crate::audit::start_pipeline(config, metrics)?),
     })
 }
 
@@ -93,9 +99,10 @@ async fn serve(config: Config) -> u8 {
             return EXIT_BUNDLE;
         }
     };
-    info!(bundle = %config.policy.bundle.display(), bundle.revision = policy.revision(), decision = %config.policy.decision, "policy bundle loaded");
+    info!(bundle = %config.policy.bundle.display(), bundle.revision = policy.revision(), decision = %config.policy.decision, policy.engine = policy.engine_name(), "policy bundle loaded");
 
-    let sink = match open_sink(&config.audit) {
+    let metrics = Arc::new(Metrics::new());
+    let sink = match open_sink(&config.audit, &metrics) {
         Ok(sink) => sink,
         Err(message) => {
             error!(error = %message, "cannot open the decision event sink; stopping");
@@ -103,11 +110,11 @@ async fn serve(config: Config) -> u8 {
         }
     };
 
-    let metrics = Arc::new(Metrics::new());
     metrics.set_bundle_revision(policy.revision());
     let store = Arc::new(PolicyStore::new(policy));
 
-    let mut authorizer = Authorizer::new(Arc::clone(&store), Arc::clone(&sink), Arc::clone(&metrics) as _, config.audit.timeout);
+    let mut authorizer = Authorizer::new(Arc::clone(&store), Arc::clone(&sink), Arc::clone(&metrics) as _, config.audit.timeout)
+        .with_event_options(config.audit.events.clone());
     if let Some(jwt) = &config.jwt {
         match start_authentication(jwt, Arc::clone(&metrics) as _).await {
             Ok(authentication) => authorizer = authorizer.with_authentication(authentication),
@@ -126,17 +133,39 @@ async fn serve(config: Config) -> u8 {
     let (stop_servers, servers_stopped) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
 
-    if let Some(address) = config.listen.address {
-        let (local, incoming) = match listener::bind_tcp(address).await {
-            Ok(bound) => bound,
-            Err(error) => {
-                error!(listen.address = %address, %error, "cannot bind the ext_authz listener; is another process using the port?");
-                return EXIT_FAILURE;
+    let certificates = match &config.tls {
+        Some(tls) => match build_certificates(tls, Arc::clone(&metrics) as _) {
+            // Clients that need the certificate as PEM (a Kafka producer) register here with
+            // `rotator.on_rotation` before the rotator starts, so they see the first one too.
+            Ok((store, rotator)) => Some((store, rotator.spawn())),
+            Err(message) => {
+                error!(error = %message, "cannot start mTLS certificate rotation; stopping");
+                return EXIT_CONFIG;
             }
-        };
-        info!(listen.address = %local, "ext_authz gRPC listening on TCP");
+        },
+        None => None,
+    };
+
+    if let Some(address) = config.listen.address {
         let router = Server::builder().layer(GrpcOnlyLayer).add_service(authz.clone()).add_service(health_service.clone());
-        servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped(servers_stopped.clone())));
+        let bound = match &certificates {
+            Some((store, _)) => bind_mtls(address, store).await.map(|(local, incoming)| {
+                info!(listen.address = %local, "ext_authz gRPC listening on TCP with mTLS");
+                servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped(servers_stopped.clone())));
+            }),
+            None => listener::bind_tcp(address).await.map(|(local, incoming)| {
+                if !local.ip().is_loopback() {
+                    warn!(listen.address = %local, "ext_authz gRPC listening on a non-loopback address without TLS; any host that reaches this port can ask for decisions, so configure tls or bind to loopback");
+                } else {
+                    info!(listen.address = %local, "ext_authz gRPC listening on TCP");
+                }
+                servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped(servers_stopped.clone())));
+            }),
+        };
+        if let Err(error) = bound {
+            error!(listen.address = %address, %error, "cannot bind the ext_authz listener; is another process using the port?");
+            return EXIT_FAILURE;
+        }
     }
     if let Some(path) = &config.listen.unix_socket {
         let incoming = match listener::bind_unix(path) {
@@ -175,9 +204,15 @@ async fn serve(config: Config) -> u8 {
         )
     });
 
-    readiness.set(true);
-    metrics.set_ready(true);
-    info!("ready");
+    let readiness_follower = match &certificates {
+        Some((store, _)) => Some(tokio::spawn(follow_certificate_readiness(store.readiness(), Arc::clone(&readiness), Arc::clone(&metrics)))),
+        None => {
+            readiness.set(true);
+            metrics.set_ready(true);
+            info!("ready");
+            None
+        }
+    };
 
     let exit = tokio::select! {
         signal = termination_signal() => {
@@ -190,6 +225,9 @@ async fn serve(config: Config) -> u8 {
         }
     };
 
+    if let Some(follower) = readiness_follower {
+        follower.abort();
+    }
     readiness.set(false);
     metrics.set_ready(false);
     health.set_not_serving::<CheckServer>().await;
@@ -216,11 +254,15 @@ async fn serve(config: Config) -> u8 {
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    if let Some((_, rotator)) = certificates {
+        rotator.stop();
+    }
     if let Some(admin) = admin {
         let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     }
 
-    let flushed = tokio::time::timeout(config.shutdown.timeout, sink.flush()).await;
+    // Closing writes the audit pipeline's shutdown checkpoint; other sinks only flush.
+    let flushed = tokio::time::timeout(config.shutdown.timeout, sink.close()).await;
     match flushed {
         Ok(Ok(())) => info!(sink = sink.name(), "decision events flushed"),
         Ok(Err(error)) => error!(sink = sink.name(), %error, "flushing decision events failed"),
@@ -231,6 +273,67 @@ async fn serve(config: Config) -> u8 {
     }
     info!("stopped");
     exit.unwrap_or(0)
+}
+
+/// Builds the certificate store and its rotator for the `tls` section. Once spawned, the
+/// rotator requests the first certificate at once. Until it is installed, handshakes fail and
+/// the sidecar is not ready.
+///
+/// Clients that cannot use the store's rustls resolvers (a librdkafka producer, which reads
+/// PEM and cannot swap its certificate in place) register a hook with
+/// `CertificateRotator::on_rotation` before the rotator is spawned, and rebuild themselves
+/// there.
+fn build_certificates(tls: &TlsConfig, observer: Arc<dyn PkiObserver>) -> Result<(Arc<CertificateStore>, CertificateRotator), String> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = CertificateStore::new(Arc::clone(&clock), portcullis_pki::crypto_provider());
+    let mut extra_roots = Vec::new();
+    for path in &tls.extra_roots_files {
+        let pem = std::fs::read_to_string(path).map_err(|error| format!("cannot read tls.extra_roots_files entry {}: {error}", path.display()))?;
+        let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("invalid PEM in tls.extra_roots_files entry {}: {error}", path.display()))?;
+        extra_roots.extend(roots);
+    }
+    let source = match &tls.source {
+        TlsSource::Vault { vault, issue } => {
+            info!(vault.address = %vault.address, vault.auth = vault.auth.method(), pki.mount = %issue.mount, pki.role = %issue.role, "mTLS certificates come from Vault PKI");
+            let session = VaultSession::new(vault.clone(), Arc::clone(&observer), Arc::clone(&clock)).map_err(|error| error.to_string())?;
+            CertificateSource::Vault { session: Box::new(session), issue: issue.clone() }
+        }
+        TlsSource::Files(files) => {
+            info!(tls.cert_file = %files.cert_file.display(), "mTLS certificates come from files");
+            CertificateSource::Files(FileSource::new(files.clone()))
+        }
+    };
+    let rotator = CertificateRotator::new(source, Arc::clone(&store), tls.rotation.clone(), extra_roots, observer, clock);
+    Ok((store, rotator))
+}
+
+/// Binds the mTLS listener with a rustls configuration backed by the certificate store.
+async fn bind_mtls(
+    address: std::net::SocketAddr,
+    store: &Arc<CertificateStore>,
+) -> std::io::Result<(std::net::SocketAddr, listener::Incoming<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>)> {
+    let config = portcullis_pki::server_config(store).map_err(std::io::Error::other)?;
+    listener::bind_tcp_tls(address, tokio_rustls::TlsAcceptor::from(Arc::new(config))).await
+}
+
+/// Keeps readiness equal to whether a certificate is served: false until the first one is
+/// installed, and false again if one is withdrawn before its replacement arrives.
+async fn follow_certificate_readiness(mut served: watch::Receiver<bool>, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+    loop {
+        let ready = *served.borrow_and_update();
+        readiness.set(ready);
+        metrics.set_ready(ready);
+        if ready {
+            info!("ready");
+        } else {
+            warn!("not ready: no valid mTLS certificate to serve");
+        }
+        if served.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Resolves when the stop flag is set.

@@ -1,5 +1,7 @@
 //! The few request facts that decision logs and audit events record.
 
+use std::collections::BTreeMap;
+
 use envoy_types::pb::envoy::config::core::v3::Address;
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier;
@@ -10,6 +12,10 @@ use serde::Serialize;
 
 use super::headers::header;
 use super::path::split_target;
+
+/// Trace context headers copied into every summary, so an event can be joined with the
+/// request's trace: W3C Trace Context and the Zipkin B3 headers that Envoy and Istio propagate.
+const TRACE_HEADERS: [&str; 6] = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"];
 
 /// Identifying facts of one checked request. A field is empty when the request does not carry it,
 /// and empty fields are left out when serialized.
@@ -43,6 +49,9 @@ pub struct RequestSummary {
     /// HTTP version, such as `HTTP/1.1` or `HTTP/2`.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub protocol: String,
+    /// Trace context headers present on the request, by lowercase name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub trace: BTreeMap<String, String>,
 }
 
 impl RequestSummary {
@@ -79,8 +88,29 @@ impl RequestSummary {
         summary.authority = http.host.clone();
         summary.path = split_target(&http.path).0.to_owned();
         summary.protocol = http.protocol.clone();
+        summary.trace = selected_headers(request, &TRACE_HEADERS);
         summary
     }
+}
+
+/// Collects the request headers named in `names` (lowercase) that the request carries; repeated
+/// headers are joined with commas as Envoy joins them.
+pub fn selected_headers<S: AsRef<str>>(request: &CheckRequest, names: &[S]) -> BTreeMap<String, String> {
+    let http = request
+        .attributes
+        .as_ref()
+        .and_then(|attributes| attributes.request.as_ref())
+        .and_then(|request| request.http.as_ref());
+    let Some(http) = http else {
+        return BTreeMap::new();
+    };
+    names
+        .iter()
+        .filter_map(|name| {
+            let name = name.as_ref();
+            header(http, name).map(|value| (name.to_owned(), value.into_owned()))
+        })
+        .collect()
 }
 
 fn peer_address(peer: &Peer) -> String {

@@ -689,6 +689,7 @@ fn summary_collects_request_facts() {
             destination_address: "[::1]:8080".to_owned(),
             destination_principal: String::new(),
             protocol: "HTTP/2".to_owned(),
+            trace: Default::default(),
         }
     );
 }
@@ -866,4 +867,35 @@ fn debug_output_hides_document() {
         "debug output was {text}"
     );
     assert!(text.contains("path: \"/a\""), "debug output was {text}");
+}
+
+#[test]
+fn summary_carries_trace_context_headers_only() {
+    let mut http = http_with_path("/");
+    http.headers.insert("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+    http.headers.insert("x-b3-traceid".to_owned(), "80f198ee56343ba864fe8b2a57d3eff7".to_owned());
+    http.headers.insert("authorization".to_owned(), "Bearer secret".to_owned());
+
+    let summary = RequestSummary::from_request(&check_request(http));
+
+    let trace: Vec<(&str, &str)> = summary.trace.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+    assert_eq!(
+        trace,
+        vec![
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ]
+    );
+}
+
+#[test]
+fn selected_headers_follow_the_allow_list() {
+    let mut http = http_with_path("/");
+    http.headers.insert("x-tenant".to_owned(), "acme".to_owned());
+    http.headers.insert("authorization".to_owned(), "Bearer secret".to_owned());
+
+    let selected = selected_headers(&check_request(http), &["x-tenant", "x-missing"]);
+
+    assert_eq!(selected.len(), 1);
+    assert_eq!(selected.get("x-tenant").map(String::as_str), Some("acme"));
 }

@@ -1,8 +1,11 @@
 //! The configuration file: one YAML document read into [`Config`], with every problem
 //! reported by key path and line. `docs/configuration.md` documents each key.
 
+mod audit;
 mod fields;
 mod jwt;
+pub mod kafka;
+mod tls;
 mod yaml;
 
 use std::fmt;
@@ -10,8 +13,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use audit::{AuditConfig, AuditMode};
 pub use fields::Problem;
 pub use jwt::JwtConfig;
+pub use tls::{TlsConfig, TlsSource};
 use fields::{Fields, problem};
 
 /// Default size limit of one gRPC message. A CheckRequest carries the request headers and
@@ -23,10 +28,6 @@ const MAX_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
 /// How often the bundle is checked for changes: fast enough that a ConfigMap update takes
 /// effect within seconds, rare enough that hashing a bundle costs nothing measurable.
 const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a check waits for its decision event to be recorded before denying with 503.
-/// Operators should set it below the ext_authz timeout configured in Envoy, so that a slow
-/// sink yields portcullis's own 503 with a reason instead of Envoy's timeout error.
-const DEFAULT_AUDIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long checks are still answered after SIGTERM while endpoints drain: long enough for
 /// Kubernetes to remove the pod from load balancing (a few seconds in practice).
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
@@ -45,6 +46,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Token verification; `None` when no provider is configured.
     pub jwt: Option<JwtConfig>,
+    /// mTLS on the ext_authz TCP listener; `None` serves cleartext HTTP/2.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Listeners for ext_authz gRPC checks.
@@ -69,21 +72,6 @@ pub struct PolicyConfig {
     pub decision: String,
     /// Zero turns reloading off.
     pub reload_interval: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SinkKind {
-    File,
-    Stdout,
-    None,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditConfig {
-    pub sink: SinkKind,
-    pub path: Option<PathBuf>,
-    pub fsync: bool,
-    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,15 +135,16 @@ impl Config {
         };
 
         let mut problems = Vec::new();
-        let top = Fields::new(Some(&root), "", &["listen", "admin", "policy", "audit", "log", "shutdown", "jwt"], base_dir, &mut problems);
+        let top = Fields::new(Some(&root), "", &["listen", "admin", "policy", "audit", "log", "shutdown", "jwt", "tls", "vault"], base_dir, &mut problems);
         let config = Config {
             listen: read_listen(&top, base_dir, &mut problems),
             admin: read_admin(&top, base_dir, &mut problems),
             policy: read_policy(&top, base_dir, &mut problems),
-            audit: read_audit(&top, base_dir, &mut problems),
+            audit: audit::read_audit(top.node("audit"), base_dir, &mut problems),
             log: read_log(&top, base_dir, &mut problems),
             shutdown: read_shutdown(&top, base_dir, &mut problems),
             jwt: jwt::read_jwt(top.node("jwt"), base_dir, &mut problems),
+            tls: tls::read_tls(top.node("tls"), top.node("vault"), top.line_of("vault"), base_dir, &mut problems),
         };
         // The verifier's own checks (unique names, usable key files, secret lengths) run only
         // on an otherwise valid file, so one mistake is not reported twice.
@@ -236,25 +225,6 @@ fn check_decision_path(decision: &str) -> Result<(), String> {
         return Err(format!("decision path {decision:?} must not start with data/; it is already relative to data"));
     }
     Ok(())
-}
-
-fn read_audit(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) -> AuditConfig {
-    let fields = Fields::new(top.node("audit"), "audit", &["sink", "path", "fsync", "timeout"], base_dir, problems);
-    let sink = match fields.choice("sink", &["file", "stdout", "none"], "stdout", problems).as_str() {
-        "file" => SinkKind::File,
-        "none" => SinkKind::None,
-        _ => SinkKind::Stdout,
-    };
-    let path = fields.path("path", problems);
-    if sink == SinkKind::File && path.is_none() && fields.node("path").is_none() {
-        problems.push(problem("audit.path", top.node("audit").map(|node| node.line), "missing; the file sink needs a path for its events".to_owned()));
-    }
-    AuditConfig {
-        sink,
-        path,
-        fsync: fields.bool("fsync", true, problems),
-        timeout: fields.duration("timeout", DEFAULT_AUDIT_TIMEOUT, Duration::from_secs(60), problems),
-    }
 }
 
 fn read_log(top: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) -> LogConfig {

@@ -35,7 +35,7 @@ fn minimal_config_takes_defaults() {
     assert_eq!(config.policy.bundle, base_dir().join("bundle"));
     assert_eq!(config.policy.decision, "envoy/authz/allow");
     assert_eq!(config.policy.reload_interval, Duration::from_secs(5));
-    assert_eq!(config.audit.sink, SinkKind::Stdout);
+    assert_eq!(config.audit.mode, AuditMode::Stdout);
     assert!(config.audit.fsync);
     assert_eq!(config.audit.timeout, Duration::from_secs(1));
     assert_eq!(config.log.level, "info");
@@ -78,7 +78,7 @@ shutdown:
     assert_eq!(config.policy.bundle, base_dir().join("bundle.tar.gz"));
     assert_eq!(config.policy.decision, "acme/http/decision");
     assert_eq!(config.policy.reload_interval, Duration::ZERO);
-    assert_eq!(config.audit.sink, SinkKind::File);
+    assert_eq!(config.audit.mode, AuditMode::File);
     assert_eq!(config.audit.path, Some(base_dir().join("audit/decisions.jsonl")));
     assert!(!config.audit.fsync);
     assert_eq!(config.audit.timeout, Duration::from_millis(250));
@@ -122,7 +122,7 @@ log:
 #[test]
 fn unknown_top_level_key_is_reported() {
     let problems = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\npolicies: {}\n").unwrap_err();
-    assert_eq!(rendered(&problems), vec!["policies (line 5): unknown key; expected one of: listen, admin, policy, audit, log, shutdown, jwt"]);
+    assert_eq!(rendered(&problems), vec!["policies (line 5): unknown key; expected one of: listen, admin, policy, audit, log, shutdown, jwt, tls, vault"]);
 }
 
 #[test]
@@ -269,4 +269,113 @@ fn jwt_verifier_checks_run_on_valid_file() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].starts_with("jwt (line 6): "), "{problems:?}");
     assert!(problems[0].contains("missing.json"), "{problems:?}");
+}
+
+#[test]
+fn audit_spool_mode_is_read() {
+    let text = "\
+listen:
+  address: 127.0.0.1:1
+policy:
+  bundle: b
+audit:
+  mode: spool
+  instance_id: pod-7
+  spool:
+    dir: spool
+    max_bytes: 1048576
+    segment_bytes: 65536
+    fsync: false
+  checkpoint:
+    every: 50
+    interval: 2s
+    signing_key_file: keys/audit.pem
+  events:
+    headers: [X-Tenant]
+    redact: [request.path, identity.subject]
+";
+    let audit = parse(text).unwrap().audit;
+
+    assert_eq!(audit.mode, AuditMode::Spool);
+    assert_eq!(audit.instance_id, "pod-7");
+    assert_eq!(
+        audit.spool,
+        Some(portcullis_audit::SpoolConfig { dir: base_dir().join("spool"), max_bytes: 1_048_576, segment_bytes: 65_536, fsync: false })
+    );
+    assert_eq!(audit.checkpoint.every, 50);
+    assert_eq!(audit.checkpoint.interval, Duration::from_secs(2));
+    assert_eq!(audit.checkpoint.signing_key_file, Some(base_dir().join("keys/audit.pem")));
+    assert_eq!(audit.events.headers, vec!["x-tenant"]);
+    assert_eq!(audit.events.redact, vec!["request.path", "identity.subject"]);
+    assert_eq!(audit.delivery_timeout, Duration::from_millis(500));
+    assert_eq!(audit.kafka, None);
+}
+
+#[test]
+fn audit_problems_are_reported_with_path_and_line() {
+    let text = "\
+listen:
+  address: 127.0.0.1:1
+policy:
+  bundle: b
+audit:
+  mode: spool
+  sink: file
+  instance_id: has space
+  checkpoint:
+    every: 0
+  events:
+    headers: [authorization]
+    redact: [body]
+";
+    let problems = parse(text).unwrap_err();
+
+    assert_eq!(
+        rendered(&problems),
+        vec![
+            "audit.sink (line 7): set either audit.mode or the older audit.sink, not both",
+            "audit.spool (line 6): missing; the spool mode needs audit.spool.dir",
+            "audit.instance_id (line 8): invalid instance id \"has space\"; use 1 to 253 printable ASCII characters without spaces",
+            "audit.checkpoint.every (line 10): expected an integer from 1 to 1000000, found 0",
+            "audit.events.headers[0] (line 12): authorization carries credentials and is never recorded; remove it",
+            "audit.events.redact[0] (line 13): invalid path \"body\"; expected request.<member>, identity.<member> or decision.reason, such as request.path",
+        ]
+    );
+}
+
+#[test]
+fn audit_kafka_mode_needs_its_section_and_a_short_delivery_timeout() {
+    let missing = parse("listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\naudit:\n  mode: kafka\n").unwrap_err();
+    assert_eq!(
+        rendered(&missing),
+        vec!["audit.kafka (line 6): missing; the kafka mode needs audit.kafka.bootstrap_servers and audit.kafka.topic"]
+    );
+
+    let text = "\
+listen:
+  address: 127.0.0.1:1
+policy:
+  bundle: b
+audit:
+  mode: kafka
+  timeout: 1s
+  delivery_timeout: 2s
+  spool:
+    dir: spool
+  kafka:
+    bootstrap_servers: [127.0.0.1:9092]
+    topic: audit
+";
+    let problems = parse(text).unwrap_err();
+    assert_eq!(
+        rendered(&problems),
+        vec!["audit.delivery_timeout (line 8): 2s must be shorter than audit.timeout (1s), or checks time out before they fall back to the spool"]
+    );
+}
+
+#[test]
+fn audit_sections_of_other_modes_are_rejected() {
+    let text = "listen:\n  address: 127.0.0.1:1\npolicy:\n  bundle: b\naudit:\n  mode: stdout\n  spool:\n    dir: spool\n";
+    let problems = parse(text).unwrap_err();
+    assert_eq!(rendered(&problems), vec!["audit.spool (line 8): only used by the spool and kafka modes, but audit.mode is stdout"]);
 }

@@ -1,0 +1,94 @@
+use std::sync::Mutex;
+
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use futures::future::BoxFuture;
+use portcullis_audit::{AuditPipeline, NoAuditObserver, PipelineConfig, SinkError, SpoolConfig};
+use portcullis_policy::load_bundle;
+
+use super::*;
+
+const POLICY: &str = "package envoy.authz\n\ndefault allow := false\n\nallow if input.parsed_path[0] == \"open\"\n";
+
+/// Keeps every recorded event in memory.
+#[derive(Default)]
+struct MemorySink {
+    events: Mutex<Vec<DecisionEvent>>,
+}
+
+impl DecisionSink for MemorySink {
+    fn record(&self, event: &DecisionEvent) -> BoxFuture<'static, Result<(), SinkError>> {
+        self.events.lock().unwrap().push(event.clone());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}
+
+fn policies(dir: &std::path::Path) -> Arc<PolicyStore> {
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(bundle.join("envoy")).unwrap();
+    std::fs::write(bundle.join("envoy/policy.rego"), POLICY).unwrap();
+    let loaded = load_bundle(&bundle).unwrap();
+    Arc::new(PolicyStore::new(Policy::compile(&loaded, "envoy/authz/allow").unwrap()))
+}
+
+fn request(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let mut http = HttpRequest { method: "GET".to_owned(), path: path.to_owned(), host: "shop.test".to_owned(), ..Default::default() };
+    for (name, value) in headers {
+        http.headers.insert((*name).to_owned(), (*value).to_owned());
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext { request: Some(Request { time: None, http: Some(http) }), ..Default::default() }),
+    }
+}
+
+#[tokio::test]
+async fn event_carries_allowed_fields_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(MemorySink::default());
+    let options = EventOptions { headers: vec!["x-tenant".to_owned()], redact: vec!["request.path".to_owned(), "request.headers.x-tenant".to_owned()] };
+    let authorizer = Authorizer::new(policies(dir.path()), sink.clone(), Arc::new(NoObserver), Duration::from_secs(1)).with_event_options(options);
+
+    let headers = [("x-tenant", "acme"), ("x-other", "kept out"), ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")];
+    let outcome = authorizer.check(request("/open/secret-report", &headers)).await;
+
+    assert!(outcome.decision.allowed);
+    let events = sink.events.lock().unwrap();
+    let event = serde_json::to_value(&events[0]).unwrap();
+    assert_eq!(event["schema"], "portcullis.decision.v2");
+    assert_eq!(event["event_id"].as_str().unwrap().len(), 36);
+    assert_ne!(event["event_id"], event["decision_id"]);
+    assert_eq!(event["request"]["path"], REDACTED);
+    assert_eq!(event["request"]["authority"], "shop.test");
+    assert_eq!(event["request"]["headers"], serde_json::json!({"x-tenant": REDACTED}));
+    assert_eq!(event["request"]["trace"]["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    assert!(!event.to_string().contains("kept out"));
+    assert!(!event.to_string().contains("secret-report"));
+}
+
+#[tokio::test]
+async fn full_spool_denies_checks_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = PipelineConfig::new("pod-a");
+    config.spool = Some(SpoolConfig { dir: dir.path().join("spool"), max_bytes: 3000, segment_bytes: 1024, fsync: false });
+    let pipeline = Arc::new(AuditPipeline::start(config, None, Arc::new(NoAuditObserver)).unwrap());
+    let authorizer = Authorizer::new(policies(dir.path()), pipeline, Arc::new(NoObserver), Duration::from_secs(1));
+
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let outcome = authorizer.check(request("/open", &[])).await;
+        statuses.push((outcome.decision.allowed, outcome.event.decision.http_status, outcome.denied_by));
+    }
+
+    let first_denied = statuses.iter().position(|(allowed, _, _)| !allowed).expect("the spool fills up");
+    assert!(first_denied > 0, "{statuses:?}");
+    assert!(statuses[..first_denied].iter().all(|status| *status == (true, 200, None)), "{statuses:?}");
+    assert!(statuses[first_denied..].iter().all(|status| *status == (false, 503, Some("audit_failed"))), "{statuses:?}");
+}
