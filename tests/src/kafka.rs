@@ -139,6 +139,19 @@ pub struct KafkaOptions {
     /// Users (name, password) of an extra SASL_PLAINTEXT listener with the PLAIN mechanism.
     /// The listener is added only when this is not empty; the PLAINTEXT listener stays.
     pub sasl_plain_users: Vec<(String, String)>,
+    /// An extra SSL listener that requires client certificates, when set.
+    pub mtls: Option<KafkaMtls>,
+}
+
+/// Certificates of the SSL listener that [`KafkaOptions::mtls`] adds, in PEM.
+#[derive(Debug, Clone)]
+pub struct KafkaMtls {
+    /// The broker's certificate chain; it must name 127.0.0.1, which clients verify.
+    pub server_chain_pem: String,
+    /// The broker's private key, unencrypted PKCS#8.
+    pub server_key_pem: String,
+    /// The CAs that client certificates must chain to.
+    pub client_ca_pem: String,
 }
 
 /// A single-node Kafka broker on 127.0.0.1, killed when dropped.
@@ -149,6 +162,8 @@ pub struct Kafka {
     controller_port: u16,
     /// Port of the SASL_PLAINTEXT listener, when [`KafkaOptions::sasl_plain_users`] is set.
     sasl_port: Option<u16>,
+    /// Port of the SSL listener, when [`KafkaOptions::mtls`] is set.
+    ssl_port: Option<u16>,
     options: KafkaOptions,
     /// `None` after [`Kafka::stop`] or [`Kafka::kill`].
     process: Option<ChildProcess>,
@@ -193,12 +208,20 @@ impl Kafka {
             })?)
         };
 
+        let ssl_port = match options.mtls {
+            None => None,
+            Some(_) => Some(free_port().map_err(|source| {
+                LaunchError::io("finding a free port for Kafka's SSL listener", source)
+            })?),
+        };
+
         let mut kafka = Kafka {
             java,
             libs_dir,
             broker_port,
             controller_port,
             sasl_port,
+            ssl_port,
             options,
             process: None,
             starts: 0,
@@ -224,6 +247,13 @@ impl Kafka {
     /// started without SASL users.
     pub fn sasl_bootstrap_servers(&self) -> Option<String> {
         self.sasl_port
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)).to_string())
+    }
+
+    /// Returns `127.0.0.1:PORT` of the SSL listener, or `None` when the broker was started
+    /// without [`KafkaOptions::mtls`].
+    pub fn ssl_bootstrap_servers(&self) -> Option<String> {
+        self.ssl_port
             .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)).to_string())
     }
 
@@ -416,6 +446,9 @@ impl Kafka {
         if let Some(sasl_port) = self.sasl_port {
             properties =
                 with_sasl_plain_listener(&properties, sasl_port, &self.options.sasl_plain_users);
+        }
+        if let (Some(ssl_port), Some(mtls)) = (self.ssl_port, &self.options.mtls) {
+            properties = with_mtls_listener(&properties, ssl_port, mtls);
         }
         let files = [
             (self.server_properties_path(), properties),
@@ -673,6 +706,44 @@ pub fn with_sasl_plain_listener(
         "listener.name.sasl_plaintext.plain.sasl.jaas.config=\
          org.apache.kafka.common.security.plain.PlainLoginModule required{credentials};"
     ));
+    lines.join("\n") + "\n"
+}
+
+/// Adds an SSL listener on `ssl_port` to broker `properties` that presents the certificate of
+/// `mtls` and requires client certificates chaining to its client CAs. The PEM texts are
+/// written inline, with line ends escaped as Java properties files expect.
+pub fn with_mtls_listener(properties: &str, ssl_port: u16, mtls: &KafkaMtls) -> String {
+    let listener = format!("SSL://127.0.0.1:{ssl_port}");
+    let mut lines: Vec<String> = properties
+        .lines()
+        .map(|line| {
+            if let Some(rest) = line.strip_prefix("listeners=") {
+                format!("listeners={listener},{rest}")
+            } else if let Some(rest) = line.strip_prefix("advertised.listeners=") {
+                format!("advertised.listeners={listener},{rest}")
+            } else if let Some(rest) = line.strip_prefix("listener.security.protocol.map=") {
+                format!("listener.security.protocol.map=SSL:SSL,{rest}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    let inline = |pem: &str| pem.trim_end().replace('\n', "\\n");
+    lines.push("listener.name.ssl.ssl.keystore.type=PEM".to_string());
+    lines.push(format!(
+        "listener.name.ssl.ssl.keystore.certificate.chain={}",
+        inline(&mtls.server_chain_pem)
+    ));
+    lines.push(format!(
+        "listener.name.ssl.ssl.keystore.key={}",
+        inline(&mtls.server_key_pem)
+    ));
+    lines.push("listener.name.ssl.ssl.truststore.type=PEM".to_string());
+    lines.push(format!(
+        "listener.name.ssl.ssl.truststore.certificates={}",
+        inline(&mtls.client_ca_pem)
+    ));
+    lines.push("listener.name.ssl.ssl.client.auth=required".to_string());
     lines.join("\n") + "\n"
 }
 

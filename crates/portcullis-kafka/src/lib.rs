@@ -2,10 +2,12 @@
 //! producer and implements [`portcullis_audit::Transport`]; [`read_topic`] reads a topic back
 //! whole for verification.
 
+mod certificate;
 mod reader;
 mod settings;
 mod transport;
 
+pub use certificate::RotatingClientCertificate;
 pub use reader::{ReadError, TopicMessage, read_topic};
 pub use settings::{
     ConnectionSettings, DEFAULT_CLIENT_ID, DEFAULT_DELIVERY_TIMEOUT, DEFAULT_LINGER, DEFAULT_MAX_QUEUED_BYTES,

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
+use crate::certificate::RotatingClientCertificate;
+
 /// Default delivery deadline of one record. Checks wait for the acknowledgement, so the
 /// deadline must stay below the check deadline that Envoy applies; 2 s leaves a loaded broker
 /// time for a leader change while a check still fails well before Envoy's usual timeouts.
@@ -68,6 +70,9 @@ pub struct TlsSettings {
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
+    /// A client certificate rotated elsewhere (the listener's), in place of `cert_file` and
+    /// `key_file`.
+    pub rotating_certificate: Option<RotatingClientCertificate>,
 }
 
 /// SASL credentials. The password is read from `password_file` whenever a client is built and
@@ -243,6 +248,12 @@ impl ConnectionSettings {
         {
             push("tls", "cert_file and key_file must be set together".to_owned());
         }
+        if let Some(tls) = &self.tls
+            && tls.rotating_certificate.is_some()
+            && (tls.cert_file.is_some() || tls.key_file.is_some())
+        {
+            push("tls", "use_listener_certificate excludes cert_file and key_file; set one or the other".to_owned());
+        }
         if let Some(sasl) = &self.sasl
             && (sasl.username.is_empty() || sasl.username.contains(['\0', '\n', '\r']))
         {
@@ -281,6 +292,11 @@ impl ConnectionSettings {
                 config
                     .set("ssl.certificate.location", path_text(cert_file, "tls.cert_file")?)
                     .set("ssl.key.location", path_text(key_file, "tls.key_file")?);
+            }
+            // Without an installed certificate yet, the producer connects without one; the
+            // first installation rebuilds it.
+            if let Some(certificate) = tls.rotating_certificate.as_ref().and_then(RotatingClientCertificate::current) {
+                config.set("ssl.certificate.pem", &certificate.chain).set("ssl.key.pem", &certificate.private_key);
             }
         }
         if let Some(sasl) = &self.sasl {

@@ -15,9 +15,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafka;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::certificate::CertificatePem;
 use crate::settings::{KafkaSettings, SetupError};
 
 /// Interval at which records that wait for room in a full local queue, or for a rebuild to
@@ -55,6 +56,8 @@ pub enum RebuildReason {
     Requested,
     /// librdkafka raised a fatal error, with its reason.
     FatalError(String),
+    /// A new client certificate was installed in the [`crate::RotatingClientCertificate`].
+    CertificateRotated,
 }
 
 /// Sends audit records to one Kafka topic with an idempotent producer (`acks=all`), keyed by
@@ -137,6 +140,9 @@ impl KafkaTransport {
             runtime,
         });
         shared.runtime.spawn(replace_after_fatal_errors(Arc::downgrade(&shared)));
+        if let Some(certificate) = shared.settings.connection.tls.as_ref().and_then(|tls| tls.rotating_certificate.as_ref()) {
+            shared.runtime.spawn(replace_after_certificate_rotations(Arc::downgrade(&shared), certificate.subscribe()));
+        }
         Ok(KafkaTransport { shared })
     }
 
@@ -410,6 +416,16 @@ async fn retry_waiting_records(shared: Arc<Shared>) {
 
 /// Replaces the producer whenever its error callback reports a fatal error, until the
 /// transport is dropped.
+/// Rebuilds the producer after each installed client certificate, until the transport is gone.
+async fn replace_after_certificate_rotations(shared: Weak<Shared>, mut certificates: watch::Receiver<Option<Arc<CertificatePem>>>) {
+    while certificates.changed().await.is_ok() {
+        let Some(shared) = shared.upgrade() else { return };
+        if let Err(error) = shared.rebuild(RebuildReason::CertificateRotated).await {
+            tracing::error!(error = %error, "rebuilding the Kafka producer with the rotated client certificate failed; the old producer stays");
+        }
+    }
+}
+
 async fn replace_after_fatal_errors(shared: Weak<Shared>) {
     let Some(notify) = shared.upgrade().map(|shared| Arc::clone(&shared.fatal_error)) else { return };
     loop {

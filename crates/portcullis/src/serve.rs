@@ -17,7 +17,8 @@ use tracing::{error, info, warn};
 use crate::admin::{self, Readiness};
 use crate::config::{AuditConfig, AuditMode, Config, JwtConfig, TlsConfig, TlsSource};
 use portcullis_pki::vault::VaultSession;
-use portcullis_pki::{CertificateRotator, CertificateSource, CertificateStore, Clock, FileSource, PkiObserver, SystemClock};
+use portcullis_kafka::RotatingClientCertificate;
+use portcullis_pki::{CertificateRotator, CertificateSource, CertificateStore, Clock, FileSource, PkiObserver, RotatedCertificate, SystemClock};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use portcullis_authz::identity::Authentication;
@@ -135,9 +136,17 @@ async fn serve(config: Config) -> u8 {
 
     let certificates = match &config.tls {
         Some(tls) => match build_certificates(tls, Arc::clone(&metrics) as _) {
-            // Clients that need the certificate as PEM (a Kafka producer) register here with
-            // `rotator.on_rotation` before the rotator starts, so they see the first one too.
-            Ok((store, rotator)) => Some((store, rotator.spawn())),
+            Ok((store, mut rotator)) => {
+                // Registered before the rotator starts, so the producer gets the first
+                // certificate too.
+                if let Some(client_certificate) = kafka_listener_certificate(&config) {
+                    rotator.on_rotation(Arc::new(move |rotated: &RotatedCertificate| {
+                        client_certificate.install(rotated.certificate_chain_pem.clone(), rotated.private_key_pem.expose().clone());
+                    }));
+                    info!("the Kafka producer uses the listener's client certificate and is rebuilt after each rotation");
+                }
+                Some((store, rotator.spawn()))
+            }
             Err(message) => {
                 error!(error = %message, "cannot start mTLS certificate rotation; stopping");
                 return EXIT_CONFIG;
@@ -307,6 +316,12 @@ fn build_certificates(tls: &TlsConfig, observer: Arc<dyn PkiObserver>) -> Result
     };
     let rotator = CertificateRotator::new(source, Arc::clone(&store), tls.rotation.clone(), extra_roots, observer, clock);
     Ok((store, rotator))
+}
+
+/// Returns the Kafka client certificate slot when `audit.kafka.tls.use_listener_certificate`
+/// is set.
+fn kafka_listener_certificate(config: &Config) -> Option<RotatingClientCertificate> {
+    config.audit.kafka.as_ref()?.connection.tls.as_ref()?.rotating_certificate.clone()
 }
 
 /// Binds the mTLS listener with a rustls configuration backed by the certificate store.

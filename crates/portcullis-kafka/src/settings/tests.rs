@@ -83,7 +83,7 @@ fn ipv6_broker_address_is_accepted() {
 #[test]
 fn client_certificate_needs_its_key() {
     let mut settings = valid();
-    settings.connection.tls = Some(TlsSettings { ca_file: None, cert_file: Some(PathBuf::from("client.pem")), key_file: None });
+    settings.connection.tls = Some(TlsSettings { ca_file: None, cert_file: Some(PathBuf::from("client.pem")), key_file: None, rotating_certificate: None });
 
     let problems = settings.validate().expect_err("a certificate without key passed");
 

@@ -146,3 +146,55 @@ async fn rebuild_with_missing_password_file_keeps_producer() {
     assert!(matches!(error, SetupError::PasswordFile { ref path, .. } if *path == password_file), "{error}");
     assert!(transport.shared.lock().producer.is_some(), "the old producer must stay");
 }
+
+/// Counts rebuilds by reason.
+#[derive(Default)]
+struct RecordingObserver {
+    reasons: std::sync::Mutex<Vec<RebuildReason>>,
+}
+
+impl RebuildObserver for RecordingObserver {
+    fn producer_rebuilt(&self, event: &RebuildEvent) {
+        self.reasons.lock().expect("observer lock").push(event.reason.clone());
+    }
+}
+
+fn self_signed_pem() -> (String, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["portcullis.test".to_owned()]).expect("generating a certificate");
+    (certified.cert.pem(), certified.signing_key.serialize_pem())
+}
+
+#[tokio::test]
+async fn installed_client_certificate_rebuilds_producer() {
+    let certificate = crate::RotatingClientCertificate::new();
+    let mut settings = KafkaSettings::new(vec![unreachable_broker()], "audit");
+    settings.delivery_timeout = Duration::from_millis(400);
+    settings.connection.tls = Some(crate::TlsSettings { rotating_certificate: Some(certificate.clone()), ..crate::TlsSettings::default() });
+    let observer = Arc::new(RecordingObserver::default());
+    let transport = KafkaTransport::new(settings.clone(), Some(Arc::clone(&observer) as _)).expect("building the transport");
+    let before = settings.connection.client_config().expect("client configuration");
+    assert_eq!(before.get("ssl.certificate.pem"), None);
+
+    let (first_chain, first_key) = self_signed_pem();
+    certificate.install(first_chain.clone(), first_key.clone());
+    wait_for_rebuilds(&observer, 1).await;
+    let (second_chain, second_key) = self_signed_pem();
+    certificate.install(second_chain.clone(), second_key);
+    wait_for_rebuilds(&observer, 2).await;
+
+    assert_eq!(*observer.reasons.lock().expect("observer lock"), vec![RebuildReason::CertificateRotated, RebuildReason::CertificateRotated]);
+    let after = settings.connection.client_config().expect("client configuration");
+    assert_eq!(after.get("ssl.certificate.pem"), Some(second_chain.as_str()));
+    assert!(transport.shared.lock().producer.is_some(), "a producer must be in place");
+    assert!(!format!("{settings:?}").contains("PRIVATE KEY"), "Debug output shows the private key");
+}
+
+async fn wait_for_rebuilds(observer: &RecordingObserver, count: usize) {
+    for _ in 0..500 {
+        if observer.reasons.lock().expect("observer lock").len() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the producer was not rebuilt {count} times within 5 s");
+}

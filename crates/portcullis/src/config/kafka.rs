@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use portcullis_kafka::{
-    KafkaSettings, MAX_DELIVERY_TIMEOUT, MAX_LINGER, SaslMechanism, SaslSettings, TlsSettings,
+    KafkaSettings, MAX_DELIVERY_TIMEOUT, MAX_LINGER, RotatingClientCertificate, SaslMechanism, SaslSettings, TlsSettings,
 };
 
 use super::fields::{Fields, Problem, problem};
@@ -86,11 +86,12 @@ fn read_bootstrap_servers(fields: &Fields<'_>, problems: &mut Vec<Problem>) -> V
 
 fn read_tls(fields: &Fields<'_>, base_dir: &Path, problems: &mut Vec<Problem>) -> Option<TlsSettings> {
     let node = fields.node("tls")?;
-    let tls = Fields::new(Some(node), &fields.path_of("tls"), &["ca_file", "cert_file", "key_file"], base_dir, problems);
+    let tls = Fields::new(Some(node), &fields.path_of("tls"), &["ca_file", "cert_file", "key_file", "use_listener_certificate"], base_dir, problems);
     Some(TlsSettings {
         ca_file: tls.path("ca_file", problems),
         cert_file: tls.path("cert_file", problems),
         key_file: tls.path("key_file", problems),
+        rotating_certificate: tls.bool("use_listener_certificate", false, problems).then(RotatingClientCertificate::new),
     })
 }
 
@@ -183,6 +184,7 @@ mod tests {
                 ca_file: Some(PathBuf::from("/etc/portcullis/kafka-ca.pem")),
                 cert_file: Some(PathBuf::from("/run/tls/client.pem")),
                 key_file: Some(PathBuf::from("/run/tls/client-key.pem")),
+                rotating_certificate: None,
             })
         );
         assert_eq!(
@@ -193,6 +195,13 @@ mod tests {
                 password_file: PathBuf::from("/etc/portcullis/kafka-password"),
             })
         );
+    }
+
+    #[test]
+    fn listener_certificate_excludes_certificate_files() {
+        let (_, problems) = read("kafka:\n  bootstrap_servers: [k:9093]\n  topic: audit\n  tls:\n    use_listener_certificate: true\n    cert_file: client.pem\n    key_file: client-key.pem\n");
+
+        assert_eq!(problems, vec!["audit.kafka.tls (line 5): use_listener_certificate excludes cert_file and key_file; set one or the other"]);
     }
 
     #[test]

@@ -379,3 +379,27 @@ fn audit_sections_of_other_modes_are_rejected() {
     let problems = parse(text).unwrap_err();
     assert_eq!(rendered(&problems), vec!["audit.spool (line 8): only used by the spool and kafka modes, but audit.mode is stdout"]);
 }
+
+#[test]
+fn kafka_listener_certificate_needs_tls_section() {
+    let text = "\
+listen:
+  address: 127.0.0.1:1
+policy:
+  bundle: b
+audit:
+  mode: kafka
+  kafka:
+    bootstrap_servers: [127.0.0.1:9093]
+    topic: audit
+    tls:
+      use_listener_certificate: true
+";
+
+    let problems = parse(text).unwrap_err();
+
+    assert_eq!(
+        rendered(&problems),
+        vec!["audit.kafka.tls.use_listener_certificate (line 6): needs the `tls` section, whose certificate it reuses; add `tls` or set cert_file and key_file"]
+    );
+}
