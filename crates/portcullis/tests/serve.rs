@@ -293,6 +293,45 @@ fn check_command_prints_input_decision_and_response() {
 }
 
 #[test]
+fn local_default_verifies_dev_token() {
+    let check = |request: &str| {
+        let output = run(&[
+            "check",
+            "--config",
+            &format!("{WORKSPACE}/deploy/local/portcullis.yaml"),
+            "--request",
+            request,
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let with_token = format!("{WORKSPACE}/deploy/local/requests/public-with-token.json");
+
+    let report = check(&with_token);
+
+    assert_eq!(report["decision"]["allowed"], true);
+    assert_eq!(report["input"]["identity"]["provider"], "local");
+    assert_eq!(report["input"]["identity"]["subject"], "alice");
+    assert_eq!(report["event"]["identity"]["kid"], "local-dev-1");
+
+    // The same request with one character of the signature changed is denied with 401.
+    let setup = Setup::new(POLICY);
+    let text = std::fs::read_to_string(&with_token).unwrap();
+    let token_end = text.find("\",\n          \"x-request-id\"").expect("the token ends before x-request-id");
+    // A character inside the signature, not the last one, whose low bits are only padding.
+    let position = token_end - 10;
+    let original = &text[position..position + 1];
+    let tampered = format!("{}{}{}", &text[..position], if original == "A" { "B" } else { "A" }, &text[position + 1..]);
+    let tampered_request = setup.path("tampered.json");
+    std::fs::write(&tampered_request, tampered).unwrap();
+
+    let report = check(tampered_request.to_str().unwrap());
+
+    assert_eq!(report["decision"]["allowed"], false);
+    assert_eq!(report["response"]["httpResponse"]["deniedResponse"]["status"], 401);
+}
+
+#[test]
 fn check_command_rejects_unknown_request_field() {
     let setup = Setup::new(POLICY);
     let request = setup.path("request.json");
