@@ -31,12 +31,10 @@ unless the release name already contains it.
 {{- end }}
 
 {{/*
-Name of the policy bundle ConfigMap, or nothing when the sidecar downloads its bundle.
+Name of the policy bundle ConfigMap: policy.existingConfigMap, or the one the chart renders.
 */}}
 {{- define "portcullis.policyConfigName" -}}
-{{- if not .Values.policy.bundleUrl }}
 {{- default (printf "%s-policy" (include "portcullis.fullname" .) | trunc 63 | trimSuffix "-") .Values.policy.existingConfigMap }}
-{{- end }}
 {{- end }}
 
 {{- define "portcullis.tlsSecretName" -}}
@@ -83,27 +81,34 @@ Kubernetes version given to the injector: the value, or what Helm reports for th
 {{- end }}
 
 {{/*
-Whether the audit mode keeps files in the spool emptyDir.
+Whether the audit mode keeps files in the spool emptyDir: the event file, the spool, or the
+state file of the kafka mode.
 */}}
 {{- define "portcullis.usesSpool" -}}
-{{- if has .Values.audit.mode (list "file" "spool") }}true{{ end }}
+{{- if has .Values.audit.mode (list "file" "spool" "kafka") }}true{{ end }}
 {{- end }}
 
 {{/*
-The sidecar's config.yaml. The paths of the policy bundle, the Vault token and the audit
-spool are where the injector mounts them (see crates/portcullis-inject/src/sidecar.rs).
-JWT providers are passed through as the sidecar's jwt.providers (docs/configuration.md).
-The audit keys follow docs/configuration.md; the instance id defaults to the pod name (the
-container's HOSTNAME). NOTE: no checkpoint signing key is mounted yet, so the sidecar warns
-and writes an unsigned chain; set audit.checkpoint.signing_key_file through
-sidecar.configOverrides with a key mounted from a Secret.
+Whether the sidecar mounts the checkpoint signing key: only the kafka and spool modes write
+checkpoints.
+*/}}
+{{- define "portcullis.signsCheckpoints" -}}
+{{- if and .Values.audit.checkpoint.signingKeySecret (has .Values.audit.mode (list "kafka" "spool")) }}true{{ end }}
+{{- end }}
+
+{{/*
+The sidecar's config.yaml, with the keys of docs/configuration.md. The paths of the policy
+bundle, the Vault token, the audit spool and the checkpoint signing key are where the
+injector mounts them (see crates/portcullis-inject/src/sidecar.rs). What differs between the
+pods that share this file comes from environment variables that the injector sets: the audit
+instance id from POD_NAME, and the SPIFFE ID's namespace and service account from
+POD_NAMESPACE and SERVICE_ACCOUNT.
 */}}
 {{- define "portcullis.sidecarConfig" -}}
 {{- $config := dict }}
 {{- $_ := set $config "listen" (dict "address" (printf "127.0.0.1:%d" (int .Values.sidecar.grpcPort)) "max_message_bytes" (int64 .Values.sidecar.maxMessageBytes)) }}
 {{- $_ := set $config "admin" (dict "address" (printf "0.0.0.0:%d" (int .Values.sidecar.adminPort))) }}
-{{- $bundle := .Values.policy.bundleUrl | default "/etc/portcullis-policy" }}
-{{- $_ := set $config "policy" (dict "bundle" $bundle "decision" .Values.policy.decision "reload_interval" .Values.policy.reloadInterval) }}
+{{- $_ := set $config "policy" (dict "bundle" "/etc/portcullis-policy" "decision" .Values.policy.decision "reload_interval" .Values.policy.reloadInterval) }}
 {{- $audit := dict "timeout" .Values.audit.timeout "mode" .Values.audit.mode }}
 {{- if eq .Values.audit.mode "file" }}
 {{- $_ := set $audit "path" "/var/lib/portcullis/spool/decisions.jsonl" }}
@@ -112,6 +117,12 @@ sidecar.configOverrides with a key mounted from a Secret.
 {{- $_ := set $audit "kafka" (mergeOverwrite $kafka (deepCopy .Values.kafka.settings)) }}
 {{- if eq .Values.audit.mode "spool" }}
 {{- $_ := set $audit "spool" (dict "dir" "/var/lib/portcullis/spool") }}
+{{- else }}
+{{- /* Without a spool, the chain head survives a container restart in the emptyDir. */}}
+{{- $_ := set $audit "state_file" "/var/lib/portcullis/spool/state.json" }}
+{{- end }}
+{{- if include "portcullis.signsCheckpoints" . }}
+{{- $_ := set $audit "checkpoint" (dict "signing_key_file" (printf "/etc/portcullis-audit-key/%s" .Values.audit.checkpoint.signingKeyItem)) }}
 {{- end }}
 {{- end }}
 {{- $_ := set $config "audit" $audit }}
@@ -119,9 +130,14 @@ sidecar.configOverrides with a key mounted from a Secret.
 {{- $_ := set $config "jwt" (dict "providers" .Values.jwt.providers) }}
 {{- end }}
 {{- if .Values.vault.enabled }}
-{{- $auth := dict "kubernetes" (dict "mount" .Values.vault.authMount "role" .Values.vault.role "token_file" "/var/run/secrets/portcullis/vault/token") }}
-{{- $vault := dict "address" .Values.vault.address "auth" $auth "pki" (dict "mount" .Values.vault.pkiMount "role" .Values.vault.pkiRole) }}
+{{- $auth := dict "method" "kubernetes" "mount" .Values.vault.authMount "role" .Values.vault.role "service_account_token_file" "/var/run/secrets/portcullis/vault/token" }}
+{{- $vault := dict "address" .Values.vault.address "auth" $auth }}
 {{- $_ := set $config "vault" (mergeOverwrite $vault (deepCopy .Values.vault.settings)) }}
+{{- $tls := dict "source" "vault" "common_name" (default .Values.istio.serviceEntry.host .Values.vault.commonName) "pki_mount" .Values.vault.pkiMount "pki_role" .Values.vault.pkiRole "ttl" .Values.vault.ttl }}
+{{- with .Values.vault.spiffeTrustDomain }}
+{{- $_ := set $tls "spiffe" (dict "trust_domain" .) }}
+{{- end }}
+{{- $_ := set $config "tls" $tls }}
 {{- end }}
 {{- $_ := set $config "log" (dict "level" .Values.sidecar.logLevel "format" .Values.sidecar.logFormat) }}
 {{- $_ := set $config "shutdown" (dict "drain" .Values.sidecar.shutdown.drain "timeout" .Values.sidecar.shutdown.timeout) }}
@@ -141,9 +157,7 @@ The injector's options file, read by `portcullis inject --config`.
 {{- $_ := set $sidecar "run_as_group" (int64 .Values.sidecar.runAsGroup) }}
 {{- $_ := set $sidecar "resources" .Values.sidecar.resources }}
 {{- $_ := set $sidecar "config_map" (include "portcullis.sidecarConfigName" .) }}
-{{- with include "portcullis.policyConfigName" . }}
-{{- $_ := set $sidecar "policy_config_map" . }}
-{{- end }}
+{{- $_ := set $sidecar "policy_config_map" (include "portcullis.policyConfigName" .) }}
 {{- if .Values.vault.enabled }}
 {{- $_ := set $sidecar "vault_token" (dict "audience" .Values.vault.tokenAudience "expiration_seconds" (int64 .Values.vault.tokenExpirationSeconds)) }}
 {{- end }}
@@ -153,6 +167,9 @@ The injector's options file, read by `portcullis inject --config`.
 {{- $_ := set $spool "medium" . }}
 {{- end }}
 {{- $_ := set $sidecar "audit_spool" $spool }}
+{{- end }}
+{{- if include "portcullis.signsCheckpoints" . }}
+{{- $_ := set $sidecar "audit_signing_key_secret" .Values.audit.checkpoint.signingKeySecret }}
 {{- end }}
 {{- $injection := dict "kubernetes_version" (include "portcullis.kubernetesVersion" .) "failure_policy" .Values.injector.failurePolicy "sidecar" $sidecar }}
 {{- $listen := dict "address" (printf "0.0.0.0:%d" (int .Values.injector.port)) }}
@@ -167,11 +184,10 @@ Checks between values that the schema cannot express with a clear message.
 {{- if eq (int .Values.sidecar.grpcPort) (int .Values.sidecar.adminPort) }}
 {{- fail (printf "sidecar.grpcPort and sidecar.adminPort must differ; both are %d" (int .Values.sidecar.grpcPort)) }}
 {{- end }}
-{{- $sources := list }}
-{{- if .Values.policy.bundleUrl }}{{ $sources = append $sources "policy.bundleUrl" }}{{ end }}
-{{- if .Values.policy.existingConfigMap }}{{ $sources = append $sources "policy.existingConfigMap" }}{{ end }}
-{{- if .Values.policy.files }}{{ $sources = append $sources "policy.files" }}{{ end }}
-{{- if gt (len $sources) 1 }}
-{{- fail (printf "set only one policy bundle source; found %s" (join " and " $sources)) }}
+{{- if and .Values.policy.existingConfigMap .Values.policy.files }}
+{{- fail "set only one policy bundle source; found policy.existingConfigMap and policy.files" }}
+{{- end }}
+{{- if and .Values.audit.checkpoint.signingKeySecret (not (has .Values.audit.mode (list "kafka" "spool"))) }}
+{{- fail (printf "audit.checkpoint.signingKeySecret is only used by the kafka and spool audit modes, but audit.mode is %s" .Values.audit.mode) }}
 {{- end }}
 {{- end }}

@@ -119,15 +119,19 @@ pub struct SidecarTemplate {
     /// ConfigMap with the key `config.yaml`, mounted at [`crate::CONFIG_MOUNT_PATH`].
     pub config_map: String,
     /// ConfigMap holding the policy bundle files, mounted at [`crate::POLICY_MOUNT_PATH`].
-    /// Absent when the sidecar downloads its bundle from a URL.
+    /// Absent when the bundle comes from elsewhere, such as a folder in the image.
     #[serde(default)]
     pub policy_config_map: Option<String>,
     /// A projected service account token for logging in to Vault. Absent without Vault.
     #[serde(default)]
     pub vault_token: Option<VaultToken>,
-    /// An emptyDir for the audit spool. Absent when the sidecar keeps no spool.
+    /// An emptyDir for the audit spool or state file. Absent when the sidecar keeps neither.
     #[serde(default)]
     pub audit_spool: Option<AuditSpool>,
+    /// Secret holding the audit checkpoint signing key, mounted at
+    /// [`crate::AUDIT_SIGNING_KEY_MOUNT_PATH`]. Absent when checkpoints are not signed.
+    #[serde(default)]
+    pub audit_signing_key_secret: Option<String>,
 }
 
 /// The projected service account token that the sidecar presents to Vault's Kubernetes
@@ -289,6 +293,14 @@ impl InjectorConfig {
             report(
                 "audit_spool.medium",
                 format!("invalid value {medium:?}; expected Memory or no value"),
+            );
+        }
+        if let Some(name) = &sidecar.audit_signing_key_secret
+            && let Some(message) = invalid_object_name(name)
+        {
+            report(
+                "audit_signing_key_secret",
+                message.replace("ConfigMap", "Secret"),
             );
         }
 

@@ -1,8 +1,9 @@
 //! The portcullis container and the volumes it mounts, as Kubernetes JSON.
 //!
 //! The paths here are a contract with the sidecar configuration that the Helm chart renders
-//! into the config ConfigMap: the policy bundle, the Vault token and the audit spool are
-//! referenced there by these paths.
+//! into the config ConfigMap: the policy bundle, the Vault token, the audit spool and the
+//! checkpoint signing key are referenced there by these paths. The environment variables
+//! carry what differs between pods that share that configuration.
 
 use serde_json::{Value, json};
 
@@ -23,11 +24,24 @@ pub const VAULT_TOKEN_MOUNT_PATH: &str = "/var/run/secrets/portcullis/vault";
 pub const VAULT_TOKEN_PATH: &str = "/var/run/secrets/portcullis/vault/token";
 /// Folder of the audit spool emptyDir.
 pub const AUDIT_SPOOL_MOUNT_PATH: &str = "/var/lib/portcullis/spool";
+/// Folder of the Secret with the audit checkpoint signing key.
+pub const AUDIT_SIGNING_KEY_MOUNT_PATH: &str = "/etc/portcullis-audit-key";
+
+/// Environment variables set from the pod through the downward API, and the pod fields they
+/// come from. The sidecar reads `POD_NAME` as its audit instance id (the host name can be
+/// overridden or truncated to 63 characters), and `POD_NAMESPACE` and `SERVICE_ACCOUNT` as
+/// the parts of its SPIFFE ID that its shared configuration leaves out.
+pub const POD_ENVIRONMENT: [(&str, &str); 3] = [
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+];
 
 pub(crate) const CONFIG_VOLUME: &str = "portcullis-config";
 pub(crate) const POLICY_VOLUME: &str = "portcullis-policy";
 pub(crate) const VAULT_TOKEN_VOLUME: &str = "portcullis-vault-token";
 pub(crate) const AUDIT_SPOOL_VOLUME: &str = "portcullis-audit-spool";
+pub(crate) const AUDIT_SIGNING_KEY_VOLUME: &str = "portcullis-audit-key";
 
 /// Port names are limited to 15 characters and must be unique in the pod.
 const GRPC_PORT_NAME: &str = "portcullis-grpc";
@@ -46,6 +60,7 @@ pub(crate) fn container(template: &SidecarTemplate, native: bool) -> Value {
         "name": SIDECAR_CONTAINER_NAME,
         "image": template.image,
         "args": ["serve", "--config", CONFIG_FILE_PATH],
+        "env": pod_environment(),
         "ports": [
             { "name": GRPC_PORT_NAME, "containerPort": template.grpc_port, "protocol": "TCP" },
             { "name": ADMIN_PORT_NAME, "containerPort": template.admin_port, "protocol": "TCP" },
@@ -111,6 +126,12 @@ pub(crate) fn volumes(template: &SidecarTemplate) -> Vec<Value> {
         }
         volumes.push(json!({ "name": AUDIT_SPOOL_VOLUME, "emptyDir": empty_dir }));
     }
+    if let Some(secret) = &template.audit_signing_key_secret {
+        volumes.push(json!({
+            "name": AUDIT_SIGNING_KEY_VOLUME,
+            "secret": { "secretName": secret },
+        }));
+    }
     volumes
 }
 
@@ -125,6 +146,9 @@ pub(crate) fn volume_names(template: &SidecarTemplate) -> Vec<&'static str> {
     }
     if template.audit_spool.is_some() {
         names.push(AUDIT_SPOOL_VOLUME);
+    }
+    if template.audit_signing_key_secret.is_some() {
+        names.push(AUDIT_SIGNING_KEY_VOLUME);
     }
     names
 }
@@ -146,7 +170,17 @@ fn volume_mounts(template: &SidecarTemplate) -> Vec<Value> {
     if template.audit_spool.is_some() {
         mounts.push(json!({ "name": AUDIT_SPOOL_VOLUME, "mountPath": AUDIT_SPOOL_MOUNT_PATH }));
     }
+    if template.audit_signing_key_secret.is_some() {
+        mounts.push(json!({ "name": AUDIT_SIGNING_KEY_VOLUME, "mountPath": AUDIT_SIGNING_KEY_MOUNT_PATH, "readOnly": true }));
+    }
     mounts
+}
+
+fn pod_environment() -> Vec<Value> {
+    POD_ENVIRONMENT
+        .iter()
+        .map(|(name, field)| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": field } } }))
+        .collect()
 }
 
 fn http_probe(path: &str, port: u16, period_seconds: u32, failure_threshold: u32) -> Value {

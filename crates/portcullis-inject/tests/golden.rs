@@ -22,8 +22,9 @@ enum Setup {
     Native,
     /// Kubernetes 1.28: a regular container with every optional volume.
     Legacy,
-    /// Kubernetes 1.30, a bundle URL instead of a policy ConfigMap, and no Vault.
-    BundleUrl,
+    /// Kubernetes 1.30 without any optional volume: no policy ConfigMap (a bundle from
+    /// elsewhere, such as the image), no Vault token, no spool and no signing key.
+    Minimal,
 }
 
 struct Case {
@@ -44,9 +45,9 @@ const INJECTED_CASES: &[Case] = &[
         setup: Setup::Legacy,
     },
     Case {
-        name: "plain-bundle-url",
+        name: "plain-minimal",
         pod: "plain",
-        setup: Setup::BundleUrl,
+        setup: Setup::Minimal,
     },
     Case {
         name: "init-containers-native",
@@ -102,10 +103,12 @@ fn config(setup: Setup) -> InjectorConfig {
     match setup {
         Setup::Native => config.kubernetes_version = version("1.30"),
         Setup::Legacy => config.kubernetes_version = version("1.28"),
-        Setup::BundleUrl => {
+        Setup::Minimal => {
             config.kubernetes_version = version("1.30");
             config.sidecar.policy_config_map = None;
             config.sidecar.vault_token = None;
+            config.sidecar.audit_spool = None;
+            config.sidecar.audit_signing_key_secret = None;
         }
     }
     config

@@ -21,7 +21,8 @@ use common::{NAMESPACE, RELEASE, find, of_kind, parse_documents, parse_yaml, ren
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_inject::{
-    AUDIT_SPOOL_MOUNT_PATH, Injector, InjectorOptions, POLICY_MOUNT_PATH, VAULT_TOKEN_PATH,
+    AUDIT_SIGNING_KEY_MOUNT_PATH, AUDIT_SPOOL_MOUNT_PATH, Injector, InjectorOptions,
+    POD_ENVIRONMENT, POLICY_MOUNT_PATH, VAULT_TOKEN_PATH,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -329,40 +330,55 @@ fn rendered_injector_config_agrees_with_sidecar_config() {
                 "{name}"
             );
 
-            match &sidecar.policy_config_map {
-                Some(policy) => {
-                    assert_eq!(config["policy"]["bundle"], POLICY_MOUNT_PATH, "{name}");
-                    let rendered_policy =
-                        of_kind(&documents, "ConfigMap")
-                            .into_iter()
-                            .any(|config_map| {
-                                config_map["metadata"]["name"] == policy.as_str()
-                                    && config_map["metadata"]["namespace"] == namespace.as_str()
-                            });
-                    let existing = policy == "reports-policy";
-                    assert_eq!(
-                        rendered_policy, !existing,
-                        "{name}: policy ConfigMap {policy} in {namespace}"
-                    );
-                }
-                None => assert!(
-                    config["policy"]["bundle"]
-                        .as_str()
-                        .is_some_and(|bundle| bundle.starts_with("https://")),
-                    "{name}: without a policy ConfigMap the bundle must be a URL: {config}"
-                ),
-            }
+            let policy = sidecar
+                .policy_config_map
+                .as_deref()
+                .unwrap_or_else(|| panic!("{name}: no policy ConfigMap"));
+            assert_eq!(config["policy"]["bundle"], POLICY_MOUNT_PATH, "{name}");
+            let rendered_policy = of_kind(&documents, "ConfigMap")
+                .into_iter()
+                .any(|config_map| {
+                    config_map["metadata"]["name"] == policy
+                        && config_map["metadata"]["namespace"] == namespace.as_str()
+                });
+            let existing = policy == "reports-policy";
+            assert_eq!(
+                rendered_policy, !existing,
+                "{name}: policy ConfigMap {policy} in {namespace}"
+            );
             match &sidecar.vault_token {
-                Some(_) => assert_eq!(
-                    config["vault"]["auth"]["kubernetes"]["token_file"], VAULT_TOKEN_PATH,
-                    "{name}"
+                Some(_) => {
+                    assert_eq!(
+                        config["vault"]["auth"]["service_account_token_file"], VAULT_TOKEN_PATH,
+                        "{name}"
+                    );
+                    assert_eq!(config["vault"]["auth"]["method"], "kubernetes", "{name}");
+                    assert_eq!(config["tls"]["source"], "vault", "{name}");
+                }
+                None => {
+                    assert_eq!(config.get("vault"), None, "{name}");
+                    assert_eq!(config.get("tls"), None, "{name}");
+                }
+            }
+            match &sidecar.audit_signing_key_secret {
+                Some(_) => assert!(
+                    config["audit"]["checkpoint"]["signing_key_file"]
+                        .as_str()
+                        .is_some_and(|path| path.starts_with(AUDIT_SIGNING_KEY_MOUNT_PATH)),
+                    "{name}: {config}"
                 ),
-                None => assert_eq!(config.get("vault"), None, "{name}"),
+                None => assert_eq!(config["audit"].get("checkpoint"), None, "{name}"),
             }
             let mode = config["audit"]["mode"].as_str().expect("audit.mode");
             match &sidecar.audit_spool {
                 Some(_) if mode == "file" => assert!(
                     config["audit"]["path"]
+                        .as_str()
+                        .is_some_and(|path| path.starts_with(AUDIT_SPOOL_MOUNT_PATH)),
+                    "{name}: {config}"
+                ),
+                Some(_) if mode == "kafka" => assert!(
+                    config["audit"]["state_file"]
                         .as_str()
                         .is_some_and(|path| path.starts_with(AUDIT_SPOOL_MOUNT_PATH)),
                     "{name}: {config}"
@@ -736,40 +752,56 @@ fn rendered_sidecar_config_passes_config_validate() {
         return;
     }
 
-    // Only settings whose configuration keys the sidecar reads today: the default policy,
-    // JWT providers and the audit modes stdout, file and none.
-    for settings in [
-        &[][..],
-        &["--set", "audit.mode=file"],
-        &[
-            "--set-json",
-            r#"jwt.providers=[{"name":"keycloak","issuer":"https://keycloak.example/realms/shop","discovery":true,"audiences":["shop"],"claims_to_headers":[{"claim":"sub","header":"x-jwt-sub"}]}]"#,
-        ],
+    // Every values file, and settings that no values file covers.
+    let mut cases: Vec<(String, Option<PathBuf>, &[&str])> = value_sets()
+        .into_iter()
+        .map(|(name, values)| (name, values, &[][..]))
+        .collect();
+    cases.push((
+        "audit.mode=stdout".to_owned(),
+        None,
+        &["--set", "audit.mode=stdout"],
+    ));
+    cases.push((
+        "audit.mode=none, text logs".to_owned(),
+        None,
         &[
             "--set",
             "audit.mode=none",
             "--set",
             "sidecar.logFormat=text",
         ],
-    ] {
-        let documents = parse_documents(&render(&helm, None, settings));
+    ));
+    cases.push((
+        "Vault without SPIFFE".to_owned(),
+        None,
+        &[
+            "--set",
+            "vault.enabled=true",
+            "--set",
+            "vault.address=https://vault.vault.svc:8200",
+        ],
+    ));
+
+    for (name, values, settings) in &cases {
+        let documents = parse_documents(&render(&helm, values.as_deref(), settings));
+        let namespace = sidecar_namespaces(&documents)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{name}: no sidecar ConfigMap"));
+        let options = injector_options(&documents);
+        let policy_config_map = options
+            .injection
+            .sidecar
+            .policy_config_map
+            .as_deref()
+            .unwrap_or_else(|| panic!("{name}: no policy ConfigMap"));
+
         let dir = tempfile::tempdir().expect("creating a temporary folder failed");
         let bundle_dir = dir.path().join("policy");
         std::fs::create_dir(&bundle_dir).expect("creating the bundle folder failed");
-        let policy = find(
-            &documents,
-            "ConfigMap",
-            Some(NAMESPACE),
-            "t-portcullis-policy",
-        );
-        for (file, content) in policy["data"].as_object().expect("policy data") {
-            std::fs::write(
-                bundle_dir.join(file),
-                content.as_str().expect("file content"),
-            )
-            .expect("writing a policy file failed");
-        }
-        let sidecar = find(&documents, "ConfigMap", Some(NAMESPACE), SIDECAR_CONFIG);
+        write_policy_files(&documents, &namespace, policy_config_map, &bundle_dir);
+        let sidecar = find(&documents, "ConfigMap", Some(&namespace), SIDECAR_CONFIG);
         let config = sidecar["data"]["config.yaml"]
             .as_str()
             .expect("config.yaml");
@@ -783,16 +815,55 @@ fn rendered_sidecar_config_passes_config_validate() {
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, &config).expect("writing config.yaml failed");
 
-        let output = Command::new(&binary)
-            .args(["config", "validate"])
-            .arg(&config_path)
+        // The variables the injector sets from the pod, with the values of a pod of the
+        // service account `cart`.
+        let mut command = Command::new(&binary);
+        command.args(["config", "validate"]).arg(&config_path);
+        for (variable, _) in POD_ENVIRONMENT {
+            command.env_remove(variable);
+        }
+        command
+            .env("POD_NAME", "cart-7d9f8b6c4-x2x7q")
+            .env("POD_NAMESPACE", &namespace)
+            .env("SERVICE_ACCOUNT", "cart");
+        let output = command
             .output()
             .expect("running portcullis config validate failed");
         assert!(
             output.status.success(),
-            "{settings:?}: portcullis config validate rejected the rendered configuration:\n{}{}\n{config}",
+            "{name}: portcullis config validate rejected the rendered configuration:\n{}{}\n{config}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("is valid"),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+}
+
+/// Writes the bundle files of the policy ConfigMap into `bundle_dir`: the rendered one, or
+/// the repository's default policy in place of a ConfigMap that the chart does not render.
+fn write_policy_files(documents: &[Value], namespace: &str, name: &str, bundle_dir: &Path) {
+    let rendered = of_kind(documents, "ConfigMap")
+        .into_iter()
+        .find(|config_map| {
+            config_map["metadata"]["name"] == name
+                && config_map["metadata"]["namespace"] == namespace
+        });
+    let Some(policy) = rendered else {
+        let default_policy =
+            common::repository_root().join("policies/default/envoy/authz/policy.rego");
+        std::fs::copy(default_policy, bundle_dir.join("policy.rego"))
+            .expect("copying the default policy failed");
+        return;
+    };
+    for (file, content) in policy["data"].as_object().expect("policy data") {
+        std::fs::write(
+            bundle_dir.join(file),
+            content.as_str().expect("file content"),
+        )
+        .expect("writing a policy file failed");
     }
 }

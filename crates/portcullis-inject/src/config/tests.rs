@@ -23,6 +23,7 @@ injection:
     policy_config_map: portcullis-policy
     vault_token: { audience: vault, expiration_seconds: 1800 }
     audit_spool: { size_limit: 512Mi }
+    audit_signing_key_secret: portcullis-audit-key
 "#;
 
 const MINIMAL: &str = r#"
@@ -87,6 +88,10 @@ fn full_options_parse_every_field() {
             medium: None
         })
     );
+    assert_eq!(
+        sidecar.audit_signing_key_secret.as_deref(),
+        Some("portcullis-audit-key")
+    );
 }
 
 #[test]
@@ -116,6 +121,7 @@ fn minimal_options_take_defaults() {
     assert_eq!(sidecar.policy_config_map, None);
     assert_eq!(sidecar.vault_token, None);
     assert_eq!(sidecar.audit_spool, None);
+    assert_eq!(sidecar.audit_signing_key_secret, None);
 }
 
 #[test]
@@ -226,6 +232,7 @@ injection:
     policy_config_map: "-policy"
     vault_token: { audience: "", expiration_seconds: 60 }
     audit_spool: { medium: Disk }
+    audit_signing_key_secret: Audit_Key
 "#;
 
     let found = problems(yaml);
@@ -243,6 +250,7 @@ injection:
             "injection.sidecar.vault_token.audience: must not be empty".to_owned(),
             "injection.sidecar.vault_token.expiration_seconds: invalid value 60; Kubernetes accepts 600 to 4294967296".to_owned(),
             "injection.sidecar.audit_spool.medium: invalid value \"Disk\"; expected Memory or no value".to_owned(),
+            "injection.sidecar.audit_signing_key_secret: invalid Secret name \"Audit_Key\"; expected lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters".to_owned(),
         ]
     );
 }

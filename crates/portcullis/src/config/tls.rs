@@ -32,6 +32,12 @@ const TLS_KEYS: &[&str] = &[
     "expiry_margin",
 ];
 
+/// Environment variables that fill in `tls.spiffe.namespace` and `tls.spiffe.service_account`
+/// when the file leaves them out. One configuration file is shared by every pod of a
+/// namespace, so the injector sets these from each pod through the downward API.
+const SPIFFE_NAMESPACE_VARIABLE: &str = "POD_NAMESPACE";
+const SPIFFE_SERVICE_ACCOUNT_VARIABLE: &str = "SERVICE_ACCOUNT";
+
 /// A day: long enough that Vault is asked rarely, short enough that a leaked key is useful
 /// for a day at most. Vault roles often cap TTLs lower; the role's cap wins.
 const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -72,7 +78,7 @@ pub fn read_tls(tls: Option<&Node>, vault: Option<&Node>, vault_line: Option<usi
                     None
                 }
             };
-            let issue = read_issue(&fields, tls, problems);
+            let issue = read_issue(&fields, tls, &environment_variable, problems);
             vault.zip(issue).map(|(vault, issue)| TlsSource::Vault { vault, issue })
         }
         _ => read_files(&fields, tls, problems).map(TlsSource::Files),
@@ -127,23 +133,19 @@ fn fraction(fields: &Fields<'_>, key: &str, default: f64, problems: &mut Vec<Pro
     }
 }
 
-fn read_issue(fields: &Fields<'_>, tls: &Node, problems: &mut Vec<Problem>) -> Option<IssueSettings> {
+/// Reads a non-empty environment variable.
+fn environment_variable(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+fn read_issue(fields: &Fields<'_>, tls: &Node, environment: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) -> Option<IssueSettings> {
     let common_name = fields.string("common_name", problems);
     if common_name.is_none() && fields.node("common_name").is_none() {
         problems.push(problem("tls.common_name", Some(tls.line), "missing; Vault issues certificates for a common name, such as portcullis.shop.svc".to_owned()));
     }
     let mut uri_sans = fields.strings("uri_sans", problems);
     if let Some(spiffe) = fields.node("spiffe") {
-        let spiffe_fields = Fields::new(Some(spiffe), "tls.spiffe", &["trust_domain", "namespace", "service_account"], Path::new(""), problems);
-        let mut part = |key: &str| {
-            let value = spiffe_fields.string(key, problems);
-            if value.as_deref().is_none_or(str::is_empty) {
-                problems.push(problem(&spiffe_fields.path_of(key), spiffe_fields.line_of(key), "missing; a SPIFFE ID needs trust_domain, namespace and service_account".to_owned()));
-            }
-            value.unwrap_or_default()
-        };
-        let (trust_domain, namespace, service_account) = (part("trust_domain"), part("namespace"), part("service_account"));
-        uri_sans.push(spiffe_id(&trust_domain, &namespace, &service_account));
+        uri_sans.push(read_spiffe(spiffe, environment, problems));
     }
     let ttl = fields.duration("ttl", DEFAULT_CERTIFICATE_TTL, Duration::from_secs(365 * 86_400), problems);
     if ttl < Duration::from_secs(1) {
@@ -157,6 +159,35 @@ fn read_issue(fields: &Fields<'_>, tls: &Node, problems: &mut Vec<Problem>) -> O
         uri_sans,
         ttl,
     })
+}
+
+/// Reads `tls.spiffe` into its SPIFFE ID. A namespace or service account left out of the
+/// file comes from its environment variable.
+fn read_spiffe(spiffe: &Node, environment: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) -> String {
+    let fields = Fields::new(Some(spiffe), "tls.spiffe", &["trust_domain", "namespace", "service_account"], Path::new(""), problems);
+    let mut part = |key: &str, variable: Option<&str>| {
+        let in_file = fields.node(key).is_some();
+        if !in_file && let Some(value) = variable.and_then(environment) {
+            return value;
+        }
+        let value = fields.string(key, problems);
+        if value.as_deref().is_none_or(str::is_empty) {
+            let missing = match variable {
+                Some(variable) if !in_file => format!("missing and {variable} is not set"),
+                _ => "missing".to_owned(),
+            };
+            problems.push(problem(
+                &fields.path_of(key),
+                fields.line_of(key),
+                format!("{missing}; a SPIFFE ID needs trust_domain, namespace and service_account"),
+            ));
+        }
+        value.unwrap_or_default()
+    };
+    let trust_domain = part("trust_domain", None);
+    let namespace = part("namespace", Some(SPIFFE_NAMESPACE_VARIABLE));
+    let service_account = part("service_account", Some(SPIFFE_SERVICE_ACCOUNT_VARIABLE));
+    spiffe_id(&trust_domain, &namespace, &service_account)
 }
 
 fn read_files(fields: &Fields<'_>, tls: &Node, problems: &mut Vec<Problem>) -> Option<FileSettings> {
@@ -355,8 +386,8 @@ mod tests {
                 "vault.address (line 6): \"http://vault:8200\" is plain HTTP to another host; use https, because Vault tokens and private keys cross this connection",
                 "vault.auth.secret_id_file (line 8): missing",
                 "tls.common_name (line 11): missing; Vault issues certificates for a common name, such as portcullis.shop.svc",
-                "tls.spiffe.namespace (line 12): missing; a SPIFFE ID needs trust_domain, namespace and service_account",
-                "tls.spiffe.service_account (line 12): missing; a SPIFFE ID needs trust_domain, namespace and service_account",
+                "tls.spiffe.namespace (line 12): missing and POD_NAMESPACE is not set; a SPIFFE ID needs trust_domain, namespace and service_account",
+                "tls.spiffe.service_account (line 12): missing and SERVICE_ACCOUNT is not set; a SPIFFE ID needs trust_domain, namespace and service_account",
                 "tls.renew_fraction (line 13): expected a number from 0 up to (not including) 1, such as 0.667",
             ]
         );
@@ -381,6 +412,48 @@ mod tests {
             vec![
                 format!("tls.cert_file (line 7): {} not found", dir.path().join("missing.pem").display()),
                 "tls.ca_file (line 6): missing; without Vault, tls needs cert_file, key_file and ca_file".to_owned(),
+            ]
+        );
+    }
+
+    /// Reads `spiffe_yaml` as the `tls.spiffe` mapping, with `environment` as the process
+    /// environment.
+    fn spiffe_with_environment(spiffe_yaml: &str, environment: &[(&str, &str)]) -> (String, Vec<String>) {
+        let node = crate::config::yaml::parse(spiffe_yaml).unwrap();
+        let lookup = |name: &str| environment.iter().find(|(key, _)| *key == name).map(|(_, value)| (*value).to_owned());
+        let mut problems = Vec::new();
+        let id = read_spiffe(&node, &lookup, &mut problems);
+        (id, problems.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn spiffe_parts_default_to_environment() {
+        let (id, problems) = spiffe_with_environment("trust_domain: cluster.local\n", &[("POD_NAMESPACE", "shop"), ("SERVICE_ACCOUNT", "cart")]);
+
+        assert_eq!(id, "spiffe://cluster.local/ns/shop/sa/cart");
+        assert_eq!(problems, Vec::<String>::new());
+    }
+
+    #[test]
+    fn spiffe_file_parts_override_environment() {
+        let (id, problems) = spiffe_with_environment(
+            "trust_domain: cluster.local\nnamespace: billing\nservice_account: invoices\n",
+            &[("POD_NAMESPACE", "shop"), ("SERVICE_ACCOUNT", "cart")],
+        );
+
+        assert_eq!(id, "spiffe://cluster.local/ns/billing/sa/invoices");
+        assert_eq!(problems, Vec::<String>::new());
+    }
+
+    #[test]
+    fn spiffe_part_missing_everywhere_is_rejected() {
+        let (_, problems) = spiffe_with_environment("trust_domain: cluster.local\nservice_account: \"\"\n", &[("SERVICE_ACCOUNT", "cart")]);
+
+        assert_eq!(
+            problems,
+            vec![
+                "tls.spiffe.namespace (line 1): missing and POD_NAMESPACE is not set; a SPIFFE ID needs trust_domain, namespace and service_account",
+                "tls.spiffe.service_account (line 2): missing; a SPIFFE ID needs trust_domain, namespace and service_account",
             ]
         );
     }
