@@ -92,3 +92,50 @@ async fn full_spool_denies_checks_with_503() {
     assert!(statuses[..first_denied].iter().all(|status| *status == (true, 200, None)), "{statuses:?}");
     assert!(statuses[first_denied..].iter().all(|status| *status == (false, 503, Some("audit_failed"))), "{statuses:?}");
 }
+
+/// Records events only after a delay, as a slow spool or broker would.
+struct SlowSink {
+    delay: Duration,
+    events: Arc<Mutex<Vec<DecisionEvent>>>,
+}
+
+impl DecisionSink for SlowSink {
+    fn record(&self, event: &DecisionEvent) -> BoxFuture<'static, Result<(), SinkError>> {
+        let (delay, events, event) = (self.delay, Arc::clone(&self.events), event.clone());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            events.lock().unwrap().push(event);
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_call_still_records_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::new(SlowSink { delay: Duration::from_millis(300), events: Arc::clone(&events) });
+    let authorizer = Authorizer::new(policies(dir.path()), sink, Arc::new(NoObserver), Duration::from_secs(1));
+    let service = AuthzService::new(Arc::new(authorizer));
+
+    // Envoy gives up after 50 ms: the call's future is dropped before the event is recorded.
+    let call = service.check(tonic::Request::new(request("/open/door", &[])));
+    let outcome = tokio::time::timeout(Duration::from_millis(50), call).await;
+    assert!(outcome.is_err(), "the call finished before its deadline");
+    assert!(events.lock().unwrap().is_empty(), "recorded before the delay");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let recorded = events.lock().unwrap();
+    assert_eq!(recorded.len(), 1);
+    assert!(recorded[0].decision.allowed);
+    assert_eq!(recorded[0].request["path"], "/open/door");
+}
