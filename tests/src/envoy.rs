@@ -33,6 +33,9 @@ pub struct EnvoyOptions {
     pub max_request_bytes: u32,
     /// mTLS to portcullis; `None` connects with cleartext HTTP/2.
     pub authz_tls: Option<EnvoyClientTls>,
+    /// Whether requests pass the ext_authz filter. Without it Envoy only proxies, which is the
+    /// baseline that benchmarks compare with.
+    pub ext_authz: bool,
 }
 
 /// Envoy's client side of mTLS to portcullis: its certificate and the CA it trusts.
@@ -57,6 +60,7 @@ impl EnvoyOptions {
             check_timeout: Duration::from_secs(2),
             max_request_bytes: 8192,
             authz_tls: None,
+            ext_authz: true,
         }
     }
 }
@@ -79,6 +83,26 @@ pub fn bootstrap_yaml(options: &EnvoyOptions) -> String {
     );
     let max_request_bytes = options.max_request_bytes;
     let authz_transport_socket = options.authz_tls.as_ref().map(transport_socket_yaml).unwrap_or_default();
+    let ext_authz_filter = if options.ext_authz {
+        format!(
+            r#"          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              with_request_body:
+                max_request_bytes: {max_request_bytes}
+                allow_partial_message: true
+                pack_as_bytes: true
+              grpc_service:
+                envoy_grpc:
+                  cluster_name: portcullis
+                timeout: {check_timeout}
+"#
+        )
+    } else {
+        String::new()
+    };
 
     format!(
         r#"static_resources:
@@ -101,20 +125,7 @@ pub fn bootstrap_yaml(options: &EnvoyOptions) -> String {
               - match: {{ prefix: "/" }}
                 route: {{ cluster: upstream }}
           http_filters:
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              failure_mode_allow: false
-              with_request_body:
-                max_request_bytes: {max_request_bytes}
-                allow_partial_message: true
-                pack_as_bytes: true
-              grpc_service:
-                envoy_grpc:
-                  cluster_name: portcullis
-                timeout: {check_timeout}
-          - name: envoy.filters.http.router
+{ext_authz_filter}          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
