@@ -682,21 +682,7 @@ pub fn with_sasl_plain_listener(
     sasl_port: u16,
     users: &[(String, String)],
 ) -> String {
-    let listener = format!("SASL_PLAINTEXT://127.0.0.1:{sasl_port}");
-    let mut lines: Vec<String> = properties
-        .lines()
-        .map(|line| {
-            if let Some(rest) = line.strip_prefix("listeners=") {
-                format!("listeners={listener},{rest}")
-            } else if let Some(rest) = line.strip_prefix("advertised.listeners=") {
-                format!("advertised.listeners={listener},{rest}")
-            } else if let Some(rest) = line.strip_prefix("listener.security.protocol.map=") {
-                format!("listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,{rest}")
-            } else {
-                line.to_string()
-            }
-        })
-        .collect();
+    let mut lines = with_listener(properties, "SASL_PLAINTEXT", sasl_port);
     let credentials: String = users
         .iter()
         .map(|(name, password)| format!(" user_{name}=\"{password}\""))
@@ -709,12 +695,11 @@ pub fn with_sasl_plain_listener(
     lines.join("\n") + "\n"
 }
 
-/// Adds an SSL listener on `ssl_port` to broker `properties` that presents the certificate of
-/// `mtls` and requires client certificates chaining to its client CAs. The PEM texts are
-/// written inline, with line ends escaped as Java properties files expect.
-pub fn with_mtls_listener(properties: &str, ssl_port: u16, mtls: &KafkaMtls) -> String {
-    let listener = format!("SSL://127.0.0.1:{ssl_port}");
-    let mut lines: Vec<String> = properties
+/// Returns the lines of broker `properties` with one more listener, named after its security
+/// protocol (`SSL`, `SASL_PLAINTEXT`), on 127.0.0.1 `port`, listed first.
+fn with_listener(properties: &str, protocol: &str, port: u16) -> Vec<String> {
+    let listener = format!("{protocol}://127.0.0.1:{port}");
+    properties
         .lines()
         .map(|line| {
             if let Some(rest) = line.strip_prefix("listeners=") {
@@ -722,12 +707,19 @@ pub fn with_mtls_listener(properties: &str, ssl_port: u16, mtls: &KafkaMtls) -> 
             } else if let Some(rest) = line.strip_prefix("advertised.listeners=") {
                 format!("advertised.listeners={listener},{rest}")
             } else if let Some(rest) = line.strip_prefix("listener.security.protocol.map=") {
-                format!("listener.security.protocol.map=SSL:SSL,{rest}")
+                format!("listener.security.protocol.map={protocol}:{protocol},{rest}")
             } else {
                 line.to_string()
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Adds an SSL listener on `ssl_port` to broker `properties` that presents the certificate of
+/// `mtls` and requires client certificates chaining to its client CAs. The PEM texts are
+/// written inline, with line ends escaped as Java properties files expect.
+pub fn with_mtls_listener(properties: &str, ssl_port: u16, mtls: &KafkaMtls) -> String {
+    let mut lines = with_listener(properties, "SSL", ssl_port);
     let inline = |pem: &str| pem.trim_end().replace('\n', "\\n");
     lines.push("listener.name.ssl.ssl.keystore.type=PEM".to_string());
     lines.push(format!(

@@ -31,7 +31,11 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn start_kafka_or_skip(test: &str) -> Option<Kafka> {
-    match Kafka::start().await {
+    start_kafka_with_or_skip(test, KafkaOptions::default()).await
+}
+
+async fn start_kafka_with_or_skip(test: &str, options: KafkaOptions) -> Option<Kafka> {
+    match Kafka::start_with(options).await {
         Ok(kafka) => Some(kafka),
         Err(LaunchError::Unavailable { peer, reason }) if !peers_required() => {
             report_skip(test, &format!("{peer} is not available: {reason}"));
@@ -307,14 +311,7 @@ fn sequence_of(payload: &[u8]) -> u64 {
 async fn sasl_plain_authenticates_with_password_file() {
     let test = "sasl_plain_authenticates_with_password_file";
     let options = KafkaOptions { sasl_plain_users: vec![("portcullis".to_owned(), "audit-secret".to_owned())], mtls: None };
-    let kafka = match Kafka::start_with(options).await {
-        Ok(kafka) => kafka,
-        Err(LaunchError::Unavailable { peer, reason }) if !peers_required() => {
-            report_skip(test, &format!("{peer} is not available: {reason}"));
-            return;
-        }
-        Err(error) => panic!("{test}: starting Kafka failed: {error}"),
-    };
+    let Some(kafka) = start_kafka_with_or_skip(test, options).await else { return };
     kafka.create_topic(TOPIC, 1).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     let folder = tempfile::tempdir().expect("temporary folder");
     let right_password = folder.path().join("right");
@@ -460,14 +457,7 @@ async fn rotated_client_certificate_reaches_mtls_broker() {
     let other_ca = TestCa::new("untrusted CA");
     let (server_chain_pem, server_key_pem) = ca.issue("kafka", true);
     let options = KafkaOptions { mtls: Some(KafkaMtls { server_chain_pem, server_key_pem, client_ca_pem: ca.issuer.pem() }), ..KafkaOptions::default() };
-    let kafka = match Kafka::start_with(options).await {
-        Ok(kafka) => kafka,
-        Err(LaunchError::Unavailable { peer, reason }) if !peers_required() => {
-            report_skip(test, &format!("{peer} is not available: {reason}"));
-            return;
-        }
-        Err(error) => panic!("{test}: starting Kafka failed: {error}"),
-    };
+    let Some(kafka) = start_kafka_with_or_skip(test, options).await else { return };
     kafka.create_topic(TOPIC, 1).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     let folder = tempfile::tempdir().expect("temporary folder");
     let ca_file = folder.path().join("kafka-ca.pem");
