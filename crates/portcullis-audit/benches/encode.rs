@@ -44,6 +44,7 @@ fn event() -> DecisionEvent {
             decision_path: "envoy/authz/allow".to_owned(),
         },
         latency_us: 38,
+        amends: None,
     }
 }
 

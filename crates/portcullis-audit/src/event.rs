@@ -29,6 +29,12 @@ pub struct DecisionEvent {
     pub policy: EventPolicy,
     /// Time from the arrival of the check to the decision, before recording the event.
     pub latency_us: u64,
+    /// The `event_id` of an earlier record of the same decision that this record corrects.
+    /// It is set when that record was not acknowledged in time, so the request was denied with
+    /// 503 after all, while the earlier record, already chained, still carries the policy's
+    /// decision and may be shipped later.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amends: Option<String>,
 }
 
 /// The outcome of a check.

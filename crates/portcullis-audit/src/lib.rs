@@ -42,5 +42,6 @@ pub(crate) fn test_event(decision_id: &str) -> DecisionEvent {
             decision_path: "envoy/authz/allow".to_owned(),
         },
         latency_us: 12,
+        amends: None,
     }
 }

@@ -305,6 +305,17 @@ impl DecisionSink for AuditPipeline {
         })
     }
 
+    /// Without a spool, checks wait for Kafka, so the pipeline is ready once a record of this
+    /// run (the start checkpoint comes first) is acknowledged. With a spool it is ready at once.
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        let waiting = (!self.has_spool).then(|| self.acknowledged.clone()).flatten();
+        Box::pin(async move {
+            if let Some(mut acknowledged) = waiting {
+                let _ = acknowledged.changed().await;
+            }
+        })
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }
@@ -693,7 +704,10 @@ impl Shipper {
                     }
                     Err(error) => {
                         self.report_failure(sequence, &error, backoff);
-                        self.in_flight = FuturesOrdered::new();
+                        self.settle_in_flight().await;
+                        if let Err(error) = self.transport.reset().await {
+                            warn!(audit.transport = self.transport.name(), %error, "resetting the audit transport failed; resending anyway");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(self.backoff.1);
                         let resend: Vec<Record> = self.unacknowledged.iter().cloned().collect();
@@ -703,6 +717,19 @@ impl Shipper {
                     }
                 },
                 more = self.source.wait(), if source_open => source_open = more,
+            }
+        }
+    }
+
+    /// Waits until every send still in flight has ended (each ends within the send timeout),
+    /// keeping the acknowledgements that continue the acknowledged prefix. Later results of
+    /// records behind the failed one are ignored, so those records are resent.
+    async fn settle_in_flight(&mut self) {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        let results: Vec<SendResult> = in_flight.collect().await;
+        for (sequence, result) in results {
+            if result.is_ok() {
+                self.acknowledge(sequence);
             }
         }
     }

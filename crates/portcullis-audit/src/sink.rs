@@ -36,6 +36,13 @@ pub trait DecisionSink: Send + Sync {
         self.flush()
     }
 
+    /// Resolves once the sink can record events, at once for most sinks. The audit pipeline
+    /// in `kafka` mode without a spool resolves once Kafka acknowledged a record of this run,
+    /// because until then every check would be denied.
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+
     /// Short name for logs and metrics (`file`, `stdout`, `none`).
     fn name(&self) -> &'static str;
 }

@@ -33,6 +33,15 @@ pub trait Transport: Send + Sync + 'static {
     /// Waits up to `timeout` for every record sent so far to be acknowledged or failed.
     fn flush(&self, timeout: Duration) -> BoxFuture<'static, Result<(), TransportError>>;
 
+    /// Discards whatever the transport still holds of earlier sends, so that no earlier copy
+    /// of a record can reach the remote log after this resolves. The pipeline calls it after a
+    /// failed send, once every send in flight has ended, and before it resends from the first
+    /// unacknowledged record; without it a copy queued before the failure could overtake the
+    /// resent records. The default does nothing, for transports that hold nothing.
+    fn reset(&self) -> BoxFuture<'static, Result<(), TransportError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Short name for logs and metrics, such as `kafka`.
     fn name(&self) -> &'static str;
 }

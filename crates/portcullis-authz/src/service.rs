@@ -153,6 +153,7 @@ impl Authorizer {
                 decision_path: policy.decision_path().to_owned(),
             },
             latency_us: latency.as_micros().try_into().unwrap_or(u64::MAX),
+            amends: None,
         };
         redact(&mut event, &self.events.redact);
 
@@ -160,7 +161,7 @@ impl Authorizer {
             warn!(decision.id = %decision_id, sink = self.sink.name(), %reason, "decision event not recorded; denying the request");
             verdict.decision = Decision::deny(AUDIT_UNAVAILABLE_STATUS, "decision event could not be recorded");
             verdict.denied_by = Some("audit_failed");
-            event.decision = event_decision(&verdict);
+            event = self.record_correction(event, &verdict);
         }
 
         log_decision(&decision_id, &summary, &verdict);
@@ -193,6 +194,25 @@ impl Authorizer {
             object.insert("headers".to_owned(), serde_json::json!(headers));
         }
         value
+    }
+
+    /// Records, without waiting, a second event that states the 503 the request got after
+    /// all, and returns it. The first event may still reach the audit log (a sink that timed
+    /// out can deliver it later) with the policy's decision in it; the correction names it in
+    /// `amends`, so the trail shows what the caller was answered.
+    fn record_correction(&self, original: DecisionEvent, verdict: &Verdict) -> DecisionEvent {
+        let mut correction = original;
+        correction.amends = Some(std::mem::replace(&mut correction.event_id, uuid::Uuid::now_v7().to_string()));
+        correction.decision = event_decision(verdict);
+
+        let recorded = self.sink.record(&correction);
+        let (decision_id, sink) = (correction.decision_id.clone(), self.sink.name());
+        tokio::spawn(async move {
+            if let Err(error) = recorded.await {
+                warn!(decision.id = %decision_id, sink, %error, "the 503 correction of a decision event was not recorded either");
+            }
+        });
+        correction
     }
 
     async fn record(&self, event: &DecisionEvent) -> Result<(), String> {

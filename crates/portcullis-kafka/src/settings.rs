@@ -119,8 +119,8 @@ impl SaslMechanism {
 pub struct KafkaSettings {
     pub connection: ConnectionSettings,
     pub topic: String,
-    /// Time from a send until its record is acknowledged or failed as timed out
-    /// (librdkafka's `message.timeout.ms`, also enforced by the transport's own timer).
+    /// Time from a send until its record is acknowledged or reported as timed out by the
+    /// transport's own timer; librdkafka keeps the record queued until the producer is reset.
     pub delivery_timeout: Duration,
     /// Time librdkafka waits to fill a batch (`linger.ms`).
     pub linger: Duration,
@@ -207,7 +207,14 @@ impl KafkaSettings {
         config
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", millis(self.delivery_timeout))
+            // librdkafka never expires a record on its own. Expiry is per record, so a record
+            // that expired in the queue would let later ones overtake its resend; instead the
+            // transport's timer reports the time-out, and the pipeline resets the producer
+            // (dropping what it still holds) before it resends in order.
+            .set("message.timeout.ms", "0")
+            // Any other failure that could leave a gap stops the producer with a fatal error,
+            // which rebuilds it.
+            .set("enable.gapless.guarantee", "true")
             // A request must not outlive the record it carries.
             .set("request.timeout.ms", millis(self.delivery_timeout))
             .set("linger.ms", millis(self.linger))

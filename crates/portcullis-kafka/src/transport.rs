@@ -58,6 +58,8 @@ pub enum RebuildReason {
     FatalError(String),
     /// A new client certificate was installed in the [`crate::RotatingClientCertificate`].
     CertificateRotated,
+    /// The audit pipeline reset the transport after a failed send, before resending.
+    Reset,
 }
 
 /// Sends audit records to one Kafka topic with an idempotent producer (`acks=all`), keyed by
@@ -204,6 +206,15 @@ impl Transport for KafkaTransport {
             }
         }
         .boxed()
+    }
+
+    /// Rebuilds the producer: the old one is flushed for at most the delivery deadline plus
+    /// one second and then dropped with whatever it still holds, so no earlier copy of a
+    /// record can reach the topic after a resent one. The new producer also starts with fresh
+    /// cluster metadata, which a producer that kept timing out across a broker restart may lack.
+    fn reset(&self) -> BoxFuture<'static, Result<(), TransportError>> {
+        let shared = Arc::clone(&self.shared);
+        async move { shared.rebuild(RebuildReason::Reset).await.map_err(|error| TransportError::Retriable(error.to_string())) }.boxed()
     }
 
     fn flush(&self, timeout: Duration) -> BoxFuture<'static, Result<(), TransportError>> {
@@ -414,8 +425,6 @@ async fn retry_waiting_records(shared: Arc<Shared>) {
     }
 }
 
-/// Replaces the producer whenever its error callback reports a fatal error, until the
-/// transport is dropped.
 /// Rebuilds the producer after each installed client certificate, until the transport is gone.
 async fn replace_after_certificate_rotations(shared: Weak<Shared>, mut certificates: watch::Receiver<Option<Arc<CertificatePem>>>) {
     while certificates.changed().await.is_ok() {
@@ -426,6 +435,8 @@ async fn replace_after_certificate_rotations(shared: Weak<Shared>, mut certifica
     }
 }
 
+/// Replaces the producer whenever its error callback reports a fatal error, until the
+/// transport is dropped.
 async fn replace_after_fatal_errors(shared: Weak<Shared>) {
     let Some(notify) = shared.upgrade().map(|shared| Arc::clone(&shared.fatal_error)) else { return };
     loop {

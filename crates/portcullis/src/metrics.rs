@@ -315,6 +315,7 @@ impl portcullis_kafka::RebuildObserver for Metrics {
             portcullis_kafka::RebuildReason::Requested => "requested".to_owned(),
             portcullis_kafka::RebuildReason::FatalError(reason) => format!("fatal error: {reason}"),
             portcullis_kafka::RebuildReason::CertificateRotated => "client certificate rotated".to_owned(),
+            portcullis_kafka::RebuildReason::Reset => "reset after a failed send".to_owned(),
         };
         portcullis_audit::AuditObserver::transport_rebuilt(self, "kafka", &reason);
     }

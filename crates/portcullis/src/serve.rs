@@ -213,13 +213,24 @@ async fn serve(config: Config) -> u8 {
         )
     });
 
+    let audit_ready = sink.ready();
     let readiness_follower = match &certificates {
-        Some((store, _)) => Some(tokio::spawn(follow_certificate_readiness(store.readiness(), Arc::clone(&readiness), Arc::clone(&metrics)))),
+        Some((store, _)) => {
+            let served = store.readiness();
+            let (readiness, metrics) = (Arc::clone(&readiness), Arc::clone(&metrics));
+            Some(tokio::spawn(async move {
+                wait_for_audit(audit_ready).await;
+                follow_certificate_readiness(served, readiness, metrics).await;
+            }))
+        }
         None => {
-            readiness.set(true);
-            metrics.set_ready(true);
-            info!("ready");
-            None
+            let (readiness, metrics) = (Arc::clone(&readiness), Arc::clone(&metrics));
+            Some(tokio::spawn(async move {
+                wait_for_audit(audit_ready).await;
+                readiness.set(true);
+                metrics.set_ready(true);
+                info!("ready");
+            }))
         }
     };
 
@@ -331,6 +342,16 @@ async fn bind_mtls(
 ) -> std::io::Result<(std::net::SocketAddr, listener::Incoming<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>)> {
     let config = portcullis_pki::server_config(store).map_err(std::io::Error::other)?;
     listener::bind_tcp_tls(address, tokio_rustls::TlsAcceptor::from(Arc::new(config))).await
+}
+
+/// Waits until the decision sink can record events, saying why readiness waits when that
+/// takes a while (Kafka not reachable in `kafka` mode without a spool).
+async fn wait_for_audit(ready: futures::future::BoxFuture<'static, ()>) {
+    let mut ready = ready;
+    if tokio::time::timeout(std::time::Duration::from_secs(1), &mut ready).await.is_err() {
+        warn!("not ready: waiting for Kafka to acknowledge the first audit record");
+        ready.await;
+    }
 }
 
 /// Keeps readiness equal to whether a certificate is served: false until the first one is

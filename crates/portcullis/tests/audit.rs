@@ -63,6 +63,7 @@ async fn spool_lines(dir: &Path, private: &Path, events: u32) -> Vec<String> {
             decision: portcullis_audit::EventDecision { allowed: true, http_status: 200, reason: None },
             policy: portcullis_audit::EventPolicy { bundle_revision: "r".to_owned(), bundle_digest: "sha256:0".to_owned(), decision_path: "envoy/authz/allow".to_owned() },
             latency_us: 1,
+            amends: None,
         };
         pipeline.record(&event).await.unwrap();
     }

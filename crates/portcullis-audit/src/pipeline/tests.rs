@@ -398,3 +398,35 @@ fn remote_ack_without_transport_is_rejected() {
     let error = AuditPipeline::start(config, None, Arc::new(NoAuditObserver)).err().unwrap();
     assert!(matches!(error, PipelineError::MissingTransport), "{error}");
 }
+
+#[tokio::test]
+async fn remote_ack_without_spool_is_ready_after_first_acknowledgement() {
+    let signer = Arc::new(CheckpointSigner::generate().unwrap());
+    let mut config = config(&signer);
+    config.ack = AckMode::Remote;
+    config.delivery_timeout = Duration::from_millis(100);
+    config.send_timeout = Duration::from_millis(200);
+    // The first send of the start checkpoint hangs; its resend is acknowledged.
+    let transport = FakeTransport::new(&[Behaviour::Hang, Behaviour::Acknowledge]);
+
+    let pipeline = AuditPipeline::start(config, Some(transport.clone()), Arc::new(NoAuditObserver)).unwrap();
+    let mut ready = pipeline.ready();
+    let early = tokio::time::timeout(Duration::from_millis(50), &mut ready).await;
+
+    assert!(early.is_err(), "ready before any acknowledgement");
+    tokio::time::timeout(Duration::from_secs(5), ready).await.expect("ready once the start checkpoint is acknowledged");
+    assert_eq!(transport.delivered(), vec![1]);
+}
+
+#[tokio::test]
+async fn spool_pipeline_is_ready_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(CheckpointSigner::generate().unwrap());
+    let mut config = config(&signer);
+    config.spool = Some(spool_config(dir.path()));
+    let transport = FakeTransport::new(&[Behaviour::Hang]);
+
+    let pipeline = AuditPipeline::start(config, Some(transport), Arc::new(NoAuditObserver)).unwrap();
+
+    tokio::time::timeout(Duration::from_millis(50), pipeline.ready()).await.expect("a spool pipeline is ready at once");
+}

@@ -139,3 +139,47 @@ async fn cancelled_call_still_records_its_event() {
     assert!(recorded[0].decision.allowed);
     assert_eq!(recorded[0].request["path"], "/open/door");
 }
+
+/// Keeps every event but fails the first one, as a sink whose acknowledgement came too late.
+#[derive(Default)]
+struct FirstFailsSink {
+    events: Mutex<Vec<DecisionEvent>>,
+}
+
+impl DecisionSink for FirstFailsSink {
+    fn record(&self, event: &DecisionEvent) -> BoxFuture<'static, Result<(), SinkError>> {
+        let mut events = self.events.lock().unwrap();
+        events.push(event.clone());
+        let first = events.len() == 1;
+        Box::pin(async move { if first { Err(SinkError::Stopped("test".to_owned())) } else { Ok(()) } })
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn name(&self) -> &'static str {
+        "first-fails"
+    }
+}
+
+#[tokio::test]
+async fn unrecorded_event_is_corrected_to_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(FirstFailsSink::default());
+    let authorizer = Authorizer::new(policies(dir.path()), sink.clone(), Arc::new(NoObserver), Duration::from_secs(1));
+
+    let outcome = authorizer.check(request("/open/door", &[])).await;
+    tokio::task::yield_now().await;
+
+    assert!(!outcome.decision.allowed);
+    let events = sink.events.lock().unwrap();
+    assert_eq!(events.len(), 2);
+    let (original, correction) = (&events[0], &events[1]);
+    assert_eq!((original.decision.allowed, original.decision.http_status), (true, 200));
+    assert_eq!((correction.decision.allowed, correction.decision.http_status), (false, 503));
+    assert_eq!(correction.amends.as_deref(), Some(original.event_id.as_str()));
+    assert_eq!(correction.decision_id, original.decision_id);
+    assert_ne!(correction.event_id, original.event_id);
+    assert_eq!(outcome.event.event_id, correction.event_id);
+}

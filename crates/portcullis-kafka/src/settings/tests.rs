@@ -101,7 +101,9 @@ fn producer_config_sets_durability_and_deadlines() {
 
     assert_eq!(config.get("acks"), Some("all"));
     assert_eq!(config.get("enable.idempotence"), Some("true"));
-    assert_eq!(config.get("message.timeout.ms"), Some("1500"));
+    assert_eq!(config.get("message.timeout.ms"), Some("0"));
+    assert_eq!(config.get("enable.gapless.guarantee"), Some("true"));
+    assert_eq!(config.get("request.timeout.ms"), Some("1500"));
     assert_eq!(config.get("linger.ms"), Some("3"));
     assert_eq!(config.get("queue.buffering.max.kbytes"), Some("2"));
     assert_eq!(config.get("security.protocol"), Some("plaintext"));
