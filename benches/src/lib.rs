@@ -4,7 +4,9 @@
 //! The `portcullis-bench` binary runs every scenario and prints the table; `portcullis-floor`
 //! is the always-allow ext_authz server that serves as the floor.
 
+pub mod jwt;
 pub mod load;
+pub mod metrics;
 pub mod process;
 pub mod report;
 pub mod requests;

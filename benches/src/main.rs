@@ -4,6 +4,8 @@
 //! maximum throughput with a closed loop, measures latency with an open loop at half of
 //! that, reads the peak memory, and stops the server. The floor is an always-allow ext_authz
 //! server; the peer is OPA's REST server evaluating the same bundle on the same inputs.
+//! The Kafka scenarios share one single-node broker on 127.0.0.1 that the run starts before
+//! the first of them and stops after the last.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,21 +15,32 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use portcullis_bench::jwt;
 use portcullis_bench::load::{Measurement, closed_loop, open_loop};
+use portcullis_bench::metrics::{
+    AUDIT_FAILURES, Buckets, DELIVERY_LAG, counters_by_kind, counters_since,
+};
 use portcullis_bench::process::{Server, free_address};
-use portcullis_bench::report::{Baselines, ScenarioResult, check_targets, render};
+use portcullis_bench::report::{
+    AuditFigures, Baselines, ScenarioResult, check_targets, render, render_added_cost,
+    render_audit_figures,
+};
 use portcullis_bench::requests::{MixEntry, opa_request_body, read_mix};
 use portcullis_bench::target::Target;
+use portcullis_e2e::kafka::Kafka;
 
 /// Decision rule of the example bundle, for portcullis and for OPA.
 const DECISION_PATH: &str = "envoy/authz/allow";
 
-/// Scenarios of the full suite that this version does not run yet.
-const NOT_MEASURED: &[&str] = &["portcullis, JWT (RS256)", "portcullis, Kafka sink"];
+/// The Kafka topic of the audit scenarios, created before the first of them.
+const AUDIT_TOPIC: &str = "portcullis-audit-bench";
+
+/// Records between signed checkpoints in the spool and Kafka scenarios.
+const CHECKPOINT_EVERY: u32 = 1000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,13 +82,62 @@ struct Args {
     /// HTTP/2 connections for gRPC (OPA over HTTP/1.1 uses one connection per call in flight).
     #[arg(long, default_value_t = 4)]
     connections: usize,
+
+    /// Folder with the dev-only RS256 key pair (`rs256-key.dev-only.pem`,
+    /// `jwks.dev-only.json`); without it the JWT scenarios are not measured.
+    #[arg(long)]
+    jwt_keys: Option<PathBuf>,
+
+    /// Run the Kafka scenarios against a broker started on 127.0.0.1 with the launcher of
+    /// portcullis-e2e (which installs Kafka with tests/peers/kafka.sh when it is missing).
+    #[arg(long)]
+    kafka: bool,
 }
 
 /// A server under test and how to reach it.
 enum Kind {
     Floor,
     Opa,
-    Portcullis { sink: &'static str },
+    Portcullis(Setup),
+}
+
+/// Where a portcullis scenario records its decision events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audit {
+    None,
+    /// `audit.mode: file` with fsync, the chained file without checkpoints.
+    File,
+    /// `audit.mode: spool` with fsync and signed checkpoints, no Kafka.
+    Spool,
+    /// `audit.mode: kafka` without a spool: each check waits for Kafka's acknowledgement.
+    Kafka,
+    /// `audit.mode: kafka` with a spool to fall back on when Kafka is slow.
+    KafkaWithSpool,
+}
+
+impl Audit {
+    fn uses_kafka(self) -> bool {
+        matches!(self, Audit::Kafka | Audit::KafkaWithSpool)
+    }
+}
+
+/// How a portcullis scenario is configured.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// A name for its files: configuration, spool folder, instance id.
+    label: &'static str,
+    audit: Audit,
+    /// Verify the RS256 bearer token that every request then carries.
+    jwt: bool,
+}
+
+/// What the portcullis configurations of a run share.
+struct Shared<'a> {
+    bundle: &'a Path,
+    work: &'a Path,
+    signing_key: &'a Path,
+    jwks: Option<&'a Path>,
+    kafka_bootstrap: Option<String>,
 }
 
 struct Scenario {
@@ -117,6 +179,27 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
         .map_err(|error| format!("bundle {} not found: {error}", args.bundle.display()))?;
     let mix = read_mix(&args.requests).map_err(|error| error.to_string())?;
     let opa_bodies = build_opa_bodies(args, &bundle, &mix, work)?;
+    let signing_key = generate_signing_key(args, work)?;
+    let (jwks, token) = match &args.jwt_keys {
+        Some(folder) => {
+            let folder = std::fs::canonicalize(folder).map_err(|error| {
+                format!("JWT key folder {} not found: {error}", folder.display())
+            })?;
+            let issued_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            let token = jwt::sign_token(&folder.join("rs256-key.dev-only.pem"), issued_at)
+                .map_err(|error| error.to_string())?;
+            (Some(folder.join("jwks.dev-only.json")), Some(token))
+        }
+        None => {
+            eprintln!("portcullis-bench: no --jwt-keys given; the JWT scenarios are not measured");
+            (None, None)
+        }
+    };
+    if !args.kafka {
+        eprintln!("portcullis-bench: no --kafka given; the Kafka scenarios are not measured");
+    }
 
     let mut scenarios = vec![Scenario {
         name: "floor (always allow)",
@@ -130,33 +213,74 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
     } else {
         eprintln!("portcullis-bench: no --opa given; the peer is not measured");
     }
-    scenarios.push(Scenario {
-        name: "portcullis, audit none",
-        kind: Kind::Portcullis { sink: "none" },
-    });
-    scenarios.push(Scenario {
-        name: "portcullis, file fsync on",
-        kind: Kind::Portcullis { sink: "fsync" },
-    });
-    scenarios.push(Scenario {
-        name: "portcullis, file fsync off",
-        kind: Kind::Portcullis { sink: "nofsync" },
-    });
+    let mut portcullis = |name, label, audit, jwt| {
+        scenarios.push(Scenario {
+            name,
+            kind: Kind::Portcullis(Setup { label, audit, jwt }),
+        })
+    };
+    portcullis("portcullis, audit none", "none", Audit::None, false);
+    portcullis("portcullis, audit file fsync", "file", Audit::File, false);
+    portcullis("portcullis, audit spool", "spool", Audit::Spool, false);
+    if token.is_some() {
+        portcullis("portcullis, JWT (RS256)", "jwt", Audit::None, true);
+        portcullis("portcullis, JWT + spool", "jwt-spool", Audit::Spool, true);
+    }
+    if args.kafka {
+        portcullis("portcullis, audit kafka", "kafka", Audit::Kafka, false);
+        portcullis(
+            "portcullis, kafka + spool fallback",
+            "kafka-spool",
+            Audit::KafkaWithSpool,
+            false,
+        );
+    }
 
+    let mut kafka: Option<Kafka> = None;
+    let last_kafka_scenario = scenarios.iter().rposition(
+        |scenario| matches!(&scenario.kind, Kind::Portcullis(setup) if setup.audit.uses_kafka()),
+    );
     let mut results = Vec::new();
+    let mut audit_figures = Vec::new();
     let mut peer_decisions: Option<Vec<bool>> = None;
-    for scenario in &scenarios {
+    for (index, scenario) in scenarios.iter().enumerate() {
+        if let Kind::Portcullis(setup) = &scenario.kind
+            && setup.audit.uses_kafka()
+            && kafka.is_none()
+        {
+            kafka = Some(start_kafka().await?);
+        }
+        let shared = Shared {
+            bundle: &bundle,
+            work,
+            signing_key: &signing_key,
+            jwks: jwks.as_deref(),
+            kafka_bootstrap: kafka.as_ref().map(Kafka::bootstrap_servers),
+        };
         eprintln!("portcullis-bench: {}", scenario.name);
-        let (result, decisions) =
-            run_scenario(args, scenario, &bundle, &mix, &opa_bodies, work).await?;
+        let outcome =
+            run_scenario(args, scenario, &shared, &mix, &opa_bodies, token.as_deref()).await?;
         match scenario.kind {
-            Kind::Opa => peer_decisions = Some(decisions),
-            Kind::Portcullis { .. } => {
-                compare_decisions(scenario.name, &mix, &decisions, peer_decisions.as_deref())?
-            }
+            Kind::Opa => peer_decisions = Some(outcome.decisions),
+            Kind::Portcullis(_) => compare_decisions(
+                scenario.name,
+                &mix,
+                &outcome.decisions,
+                peer_decisions.as_deref(),
+            )?,
             Kind::Floor => {}
         }
-        results.push(result);
+        results.push(outcome.result);
+        audit_figures.extend(outcome.audit);
+        if Some(index) == last_kafka_scenario
+            && let Some(mut broker) = kafka.take()
+        {
+            eprintln!("portcullis-bench: stopping Kafka");
+            if let Err(error) = broker.stop().await {
+                eprintln!("portcullis-bench: Kafka did not stop cleanly ({error}); killed it");
+                broker.kill();
+            }
+        }
     }
 
     let baselines = Baselines {
@@ -165,7 +289,20 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
             .iter()
             .find(|result| result.name.starts_with("peer")),
     };
-    println!("{}", render(&results, &baselines, NOT_MEASURED));
+    println!("{}", render(&results, &baselines));
+    if let Some(none) = results
+        .iter()
+        .find(|result| result.name == "portcullis, audit none")
+    {
+        let others: Vec<&ScenarioResult> = results
+            .iter()
+            .filter(|result| result.name.starts_with("portcullis") && result.name != none.name)
+            .collect();
+        println!("{}", render_added_cost(none, &others));
+    }
+    if !audit_figures.is_empty() {
+        println!("{}", render_audit_figures(&audit_figures));
+    }
     println!("Targets:");
     for result in results
         .iter()
@@ -176,16 +313,58 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
         }
     }
     println!(
-        "\n{} requests in the mix, {} s per measurement, {} calls in flight over {} HTTP/2 connections (OPA: HTTP/1.1 keep-alive); the load generator shares the machine's {} CPUs with the servers.",
+        "\n{} requests in the mix, {} s per measurement, {} calls in flight over {} HTTP/2 connections (OPA: HTTP/1.1 keep-alive); the load generator{} shares the machine's {} CPUs with the servers.",
         mix.len(),
         args.duration,
         args.concurrency,
         args.connections,
+        if args.kafka {
+            " (and, in the Kafka scenarios, the broker)"
+        } else {
+            ""
+        },
         std::thread::available_parallelism()
             .map(|count| count.get())
             .unwrap_or(1),
     );
     Ok(())
+}
+
+/// Starts the broker and creates the audit topic.
+async fn start_kafka() -> Result<Kafka, String> {
+    eprintln!("portcullis-bench: starting Kafka on 127.0.0.1");
+    let kafka = Kafka::start()
+        .await
+        .map_err(|error| format!("cannot start Kafka: {error}"))?;
+    kafka
+        .create_topic(AUDIT_TOPIC, 1)
+        .await
+        .map_err(|error| format!("cannot create the topic {AUDIT_TOPIC}: {error}"))?;
+    Ok(kafka)
+}
+
+/// Writes the checkpoint signing key with `portcullis audit keygen`, as an operator would.
+fn generate_signing_key(args: &Args, work: &Path) -> Result<PathBuf, String> {
+    let private_key = work.join("checkpoint-key.pem");
+    let output = std::process::Command::new(&args.portcullis)
+        .args(["audit", "keygen", "--private-key"])
+        .arg(&private_key)
+        .arg("--public-key")
+        .arg(work.join("checkpoint-key.pub.pem"))
+        .output()
+        .map_err(|error| {
+            format!(
+                "cannot run {} audit keygen: {error}",
+                args.portcullis.display()
+            )
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "portcullis audit keygen failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(private_key)
 }
 
 /// Builds OPA's request bodies from the input documents that `portcullis check` prints, so
@@ -197,7 +376,7 @@ fn build_opa_bodies(
     work: &Path,
 ) -> Result<Vec<Vec<u8>>, String> {
     let config = work.join("check.yaml");
-    write_config(&config, "127.0.0.1:1", None, bundle, "none", work)?;
+    write_config(&config, "127.0.0.1:1", None, bundle, NO_AUDIT, "")?;
 
     let mut bodies = Vec::with_capacity(mix.len());
     for entry in mix {
@@ -233,48 +412,107 @@ fn build_opa_bodies(
     Ok(bodies)
 }
 
-/// Writes a portcullis configuration; `sink` is `none`, `fsync` or `nofsync`.
+/// The audit section of a configuration that records nothing.
+const NO_AUDIT: &str = "audit:\n  mode: none\n";
+
+/// Writes a portcullis configuration with the given `audit` and `jwt` sections.
 fn write_config(
     path: &Path,
     listen: &str,
     admin: Option<&str>,
     bundle: &Path,
-    sink: &str,
-    work: &Path,
+    audit: &str,
+    jwt: &str,
 ) -> Result<(), String> {
     let admin = admin
         .map(|address| format!("admin:\n  address: {address}\n"))
         .unwrap_or_default();
-    let audit = match sink {
-        "none" => "audit:\n  sink: none\n".to_string(),
-        fsync => format!(
-            "audit:\n  sink: file\n  path: {}\n  fsync: {}\n",
-            work.join(format!("decisions-{fsync}.jsonl")).display(),
-            fsync == "fsync"
-        ),
-    };
     let text = format!(
-        "listen:\n  address: {listen}\n{admin}policy:\n  bundle: {}\n  decision: {DECISION_PATH}\n{audit}log:\n  level: warn\nshutdown:\n  drain: 0\n",
+        "listen:\n  address: {listen}\n{admin}policy:\n  bundle: {}\n  decision: {DECISION_PATH}\n{audit}{jwt}log:\n  level: warn\nshutdown:\n  drain: 0\n",
         bundle.display()
     );
     std::fs::write(path, text).map_err(|error| format!("cannot write {}: {error}", path.display()))
+}
+
+/// Returns the `audit` section of a scenario. Every mode that has checkpoints signs one every
+/// `CHECKPOINT_EVERY` records with the key from `portcullis audit keygen`.
+fn audit_section(setup: &Setup, shared: &Shared<'_>) -> Result<String, String> {
+    let work = shared.work;
+    let label = setup.label;
+    let checkpoint = format!(
+        "  instance_id: bench-{label}\n  checkpoint:\n    every: {CHECKPOINT_EVERY}\n    signing_key_file: {}\n",
+        shared.signing_key.display()
+    );
+    let spool = format!(
+        "  spool:\n    dir: {}\n    fsync: true\n",
+        work.join(format!("spool-{label}")).display()
+    );
+    let kafka = || {
+        shared
+            .kafka_bootstrap
+            .as_ref()
+            .map(|bootstrap| {
+                format!(
+                    "  kafka:\n    bootstrap_servers: [{bootstrap}]\n    topic: {AUDIT_TOPIC}\n"
+                )
+            })
+            .ok_or_else(|| format!("scenario {label} needs Kafka, which is not running"))
+    };
+    Ok(match setup.audit {
+        Audit::None => NO_AUDIT.to_string(),
+        Audit::File => format!(
+            "audit:\n  mode: file\n  path: {}\n  fsync: true\n",
+            work.join(format!("decisions-{label}.jsonl")).display()
+        ),
+        Audit::Spool => format!("audit:\n  mode: spool\n{spool}{checkpoint}"),
+        Audit::Kafka => format!(
+            "audit:\n  mode: kafka\n  state_file: {}\n{}{checkpoint}",
+            work.join(format!("kafka-state-{label}.json")).display(),
+            kafka()?
+        ),
+        Audit::KafkaWithSpool => format!("audit:\n  mode: kafka\n{spool}{}{checkpoint}", kafka()?),
+    })
+}
+
+/// Returns the `jwt` section with one RS256 provider whose keys come from the dev-only JWKS.
+fn jwt_section(shared: &Shared<'_>) -> Result<String, String> {
+    let jwks = shared
+        .jwks
+        .ok_or("a JWT scenario runs only with --jwt-keys")?;
+    Ok(format!(
+        "jwt:\n  providers:\n    - name: bench\n      issuer: {}\n      audiences: [{}]\n      jwks_file: {}\n      algorithms: [RS256]\n",
+        jwt::ISSUER,
+        jwt::AUDIENCE,
+        jwks.display()
+    ))
+}
+
+/// What one scenario measured.
+struct Outcome {
+    result: ScenarioResult,
+    /// Whether each request of the mix was allowed.
+    decisions: Vec<bool>,
+    /// Audit figures from portcullis's metrics, for the scenarios that record events.
+    audit: Option<AuditFigures>,
 }
 
 /// Runs one scenario and returns its figures and the decision for each request of the mix.
 async fn run_scenario(
     args: &Args,
     scenario: &Scenario,
-    bundle: &Path,
+    shared: &Shared<'_>,
     mix: &[MixEntry],
     opa_bodies: &[Vec<u8>],
-    work: &Path,
-) -> Result<(ScenarioResult, Vec<bool>), String> {
+    token: Option<&str>,
+) -> Result<Outcome, String> {
     let address = free_address().map_err(|error| error.to_string())?;
-    let log = work.join(format!(
+    let log = shared.work.join(format!(
         "{}.log",
-        scenario.name.replace([' ', ',', ':', '(', ')'], "_")
+        scenario.name.replace([' ', ',', ':', '(', ')', '+'], "_")
     ));
     let requests: Vec<_> = mix.iter().map(|entry| entry.request.clone()).collect();
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let mut admin_address = None;
 
     let (server, target, ready_after) = match &scenario.kind {
         Kind::Floor => {
@@ -309,7 +547,7 @@ async fn run_scenario(
                 "--log-level",
                 "error",
                 "--bundle",
-                &bundle.display().to_string(),
+                &shared.bundle.display().to_string(),
             ]
             .map(String::from);
             let mut server = Server::start(scenario.name, opa, &opa_args, &log)
@@ -321,21 +559,31 @@ async fn run_scenario(
                 .map_err(|error| error.to_string())?;
             (server, target, ready_after)
         }
-        Kind::Portcullis { sink } => {
+        Kind::Portcullis(setup) => {
             let admin = free_address().map_err(|error| error.to_string())?;
-            let config = work.join(format!("portcullis-{sink}.yaml"));
+            admin_address = Some(admin);
+            let config = shared.work.join(format!("portcullis-{}.yaml", setup.label));
+            let jwt = if setup.jwt {
+                jwt_section(shared)?
+            } else {
+                String::new()
+            };
             write_config(
                 &config,
                 &address.to_string(),
                 Some(&admin.to_string()),
-                bundle,
-                sink,
-                work,
+                shared.bundle,
+                &audit_section(setup, shared)?,
+                &jwt,
             )?;
+            let requests = match (setup.jwt, token) {
+                (true, Some(token)) => jwt::with_bearer(&requests, token),
+                (true, None) => return Err(format!("{}: no token to send", scenario.name)),
+                (false, _) => requests,
+            };
             let serve_args = ["serve", "--config", &config.display().to_string()].map(String::from);
             let mut server = Server::start(scenario.name, &args.portcullis, &serve_args, &log)
                 .map_err(|error| error.to_string())?;
-            let client = Client::builder(TokioExecutor::new()).build_http();
             let ready_after = server
                 .wait_ready(|| readyz_ok(&client, admin))
                 .await
@@ -348,11 +596,24 @@ async fn run_scenario(
     };
     let rss_idle_bytes = server.peak_rss_bytes();
 
+    if let (Kind::Portcullis(setup), Some(admin)) = (&scenario.kind, admin_address)
+        && setup.audit.uses_kafka()
+    {
+        let waited = wait_for_first_delivery(&target, &client, admin)
+            .await
+            .map_err(|error| format!("{}: {error}", scenario.name))?;
+        eprintln!(
+            "portcullis-bench: first record acknowledged by Kafka {} ms after /readyz",
+            waited.as_millis()
+        );
+    }
     let decisions = decide_each(&target)
         .await
         .map_err(|error| format!("{}: {error}", scenario.name))?;
     let target = Arc::new(target);
-    let (max_throughput, half_load) = measure(args, Arc::clone(&target)).await;
+    let metrics = admin_address.map(|admin| (&client, admin));
+    let (max_throughput, half_load, snapshots) =
+        measure(args, Arc::clone(&target), metrics).await?;
     let rss_load_bytes = server.peak_rss_bytes();
     server.stop().await;
 
@@ -365,6 +626,18 @@ async fn run_scenario(
             scenario.name
         ));
     }
+    let audit = match (&scenario.kind, snapshots) {
+        (Kind::Portcullis(setup), Some([warm, full, half])) if setup.audit != Audit::None => {
+            Some(AuditFigures {
+                name: scenario.name.to_string(),
+                lag_full: full.lag.since(&warm.lag),
+                lag_half: half.lag.since(&full.lag),
+                failures_full: counters_since(&full.failures, &warm.failures),
+                failures_half: counters_since(&half.failures, &full.failures),
+            })
+        }
+        _ => None,
+    };
     let result = ScenarioResult {
         name: scenario.name.to_string(),
         max_throughput,
@@ -373,11 +646,27 @@ async fn run_scenario(
         rss_idle_bytes,
         rss_load_bytes,
     };
-    Ok((result, decisions))
+    Ok(Outcome {
+        result,
+        decisions,
+        audit,
+    })
 }
 
-/// Warms up, finds the maximum throughput, then measures latency at half of it.
-async fn measure(args: &Args, target: Arc<Target>) -> (Measurement, Measurement) {
+/// Audit metrics of portcullis at one moment.
+struct Snapshot {
+    lag: Buckets,
+    failures: Vec<(String, u64)>,
+}
+
+/// Warms up, finds the maximum throughput, then measures latency at half of it. With
+/// `metrics`, also reads portcullis's `/metrics` after the warm-up, after the closed loop and
+/// after the open loop.
+async fn measure(
+    args: &Args,
+    target: Arc<Target>,
+    metrics: Option<(&Client<HttpConnector, Full<Bytes>>, SocketAddr)>,
+) -> Result<(Measurement, Measurement, Option<[Snapshot; 3]>), String> {
     let duration = Duration::from_secs_f64(args.duration);
     if args.warmup > 0.0 {
         closed_loop(
@@ -387,10 +676,63 @@ async fn measure(args: &Args, target: Arc<Target>) -> (Measurement, Measurement)
         )
         .await;
     }
+    let after_warmup = snapshot(metrics).await?;
     let max_throughput = closed_loop(Arc::clone(&target), args.concurrency, duration).await;
+    let after_closed = snapshot(metrics).await?;
     let half_rate = max_throughput.throughput() / 2.0;
     let half_load = open_loop(target, half_rate, args.connections, duration).await;
-    (max_throughput, half_load)
+    let after_open = snapshot(metrics).await?;
+    let snapshots = match (after_warmup, after_closed, after_open) {
+        (Some(warm), Some(full), Some(half)) => Some([warm, full, half]),
+        _ => None,
+    };
+    Ok((max_throughput, half_load, snapshots))
+}
+
+/// Reads the audit metrics, or nothing without an admin address.
+async fn snapshot(
+    metrics: Option<(&Client<HttpConnector, Full<Bytes>>, SocketAddr)>,
+) -> Result<Option<Snapshot>, String> {
+    let Some((client, admin)) = metrics else {
+        return Ok(None);
+    };
+    let text = get_text(client, admin, "/metrics").await?;
+    Ok(Some(Snapshot {
+        lag: Buckets::parse(&text, DELIVERY_LAG),
+        failures: counters_by_kind(&text, AUDIT_FAILURES),
+    }))
+}
+
+/// Longest wait after /readyz for Kafka to acknowledge the first record.
+const FIRST_DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends the first request of the mix until Kafka has acknowledged a record, and returns how
+/// long that took.
+///
+/// NOTE: portcullis reports ready before its producer has an idempotent producer id from the
+/// broker. A broker started seconds earlier answers `Coordinator load in progress` for a while,
+/// and checks sent meanwhile are denied with 503 once `audit.delivery_timeout` passes. Those
+/// would count as denials and make the decisions differ from OPA's.
+async fn wait_for_first_delivery(
+    target: &Target,
+    client: &Client<HttpConnector, Full<Bytes>>,
+    admin: SocketAddr,
+) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    loop {
+        // The decision does not matter: its event is delivered either way.
+        let _ = target.call(0, 0).await;
+        let text = get_text(client, admin, "/metrics").await?;
+        if Buckets::parse(&text, DELIVERY_LAG).total() > 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > FIRST_DELIVERY_TIMEOUT {
+            return Err(format!(
+                "Kafka acknowledged no record within {FIRST_DELIVERY_TIMEOUT:?} after /readyz"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Sends each request of the mix once and returns whether each was allowed.
@@ -431,9 +773,18 @@ async fn readyz_ok(
     client: &Client<HttpConnector, Full<Bytes>>,
     admin: SocketAddr,
 ) -> Result<(), String> {
-    let uri: http::Uri = format!("http://{admin}/readyz")
+    get_text(client, admin, "/readyz").await.map(|_| ())
+}
+
+/// GETs `path` from the admin server and returns the body of a 200 response.
+async fn get_text(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    admin: SocketAddr,
+    path: &str,
+) -> Result<String, String> {
+    let uri: http::Uri = format!("http://{admin}{path}")
         .parse()
-        .expect("an IP:PORT address forms a valid URI");
+        .expect("an IP:PORT address and an absolute path form a valid URI");
     let request = http::Request::get(uri)
         .body(Full::new(Bytes::new()))
         .map_err(|error| error.to_string())?;
@@ -441,9 +792,16 @@ async fn readyz_ok(
         .request(request)
         .await
         .map_err(|error| error.to_string())?;
-    if response.status() == http::StatusCode::OK {
-        Ok(())
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| error.to_string())?
+        .to_bytes();
+    if status == http::StatusCode::OK {
+        Ok(String::from_utf8_lossy(&body).into_owned())
     } else {
-        Err(format!("/readyz returned {}", response.status()))
+        Err(format!("{path} returned {status}"))
     }
 }

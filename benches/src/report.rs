@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::load::Measurement;
+use crate::metrics::Buckets;
 
 /// Figures measured for one scenario.
 #[derive(Debug, Clone)]
@@ -42,6 +43,21 @@ pub const TARGET_PEER_THROUGHPUT_RATIO: f64 = 3.0;
 pub const TARGET_FLOOR_THROUGHPUT_RATIO: f64 = 0.5;
 pub const TARGET_FLOOR_P99_RATIO: f64 = 2.0;
 pub const TARGET_RSS_BYTES: u64 = 50 * 1024 * 1024;
+/// Delivery lag p99 on a local broker, from recording a decision to Kafka's acknowledgement.
+pub const TARGET_DELIVERY_LAG_P99_SECONDS: f64 = 0.050;
+
+/// Audit figures of one scenario from portcullis's `/metrics`, each taken over one loop.
+#[derive(Debug, Clone)]
+pub struct AuditFigures {
+    pub name: String,
+    /// Delivery lag during the closed loop at maximum throughput.
+    pub lag_full: Buckets,
+    /// Delivery lag during the open loop at half load.
+    pub lag_half: Buckets,
+    /// `portcullis_audit_failures_total` growth by kind during each loop.
+    pub failures_full: Vec<(String, u64)>,
+    pub failures_half: Vec<(String, u64)>,
+}
 
 /// Formats `value / base` as `1.23x`, or `-` when there is no base.
 pub fn ratio(value: f64, base: Option<f64>) -> String {
@@ -57,20 +73,14 @@ fn megabytes(bytes: Option<u64>) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-/// Renders the absolute figures, the ratios and the not-yet-measured scenarios.
-pub fn render(
-    results: &[ScenarioResult],
-    baselines: &Baselines<'_>,
-    not_measured: &[&str],
-) -> String {
+fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(str::len).max().unwrap_or(8).max(8)
+}
+
+/// Renders the absolute figures and the ratios.
+pub fn render(results: &[ScenarioResult], baselines: &Baselines<'_>) -> String {
     let mut out = String::new();
-    let width = results
-        .iter()
-        .map(|result| result.name.len())
-        .chain(not_measured.iter().map(|name| name.len()))
-        .max()
-        .unwrap_or(8)
-        .max(8);
+    let width = name_width(results.iter().map(|result| result.name.as_str()));
 
     let _ = writeln!(
         out,
@@ -113,9 +123,6 @@ pub fn render(
             },
         );
         any_saturated |= result.saturated();
-    }
-    for name in not_measured {
-        let _ = writeln!(out, "{name:<width$}  not yet measured");
     }
     if any_saturated {
         let _ = writeln!(
@@ -166,6 +173,134 @@ pub fn render(
             );
         }
         let _ = writeln!(out, "{row}");
+    }
+    out
+}
+
+/// Renders what each scenario adds per check to `none` (portcullis with `audit.mode: none`),
+/// from figures of the same run: the machine time per check at maximum throughput
+/// (`1/throughput`, which on a machine with several CPUs is not the CPU time of one check) and
+/// the latency at half load. The half-load rates differ between scenarios, so the latency
+/// differences compare each at half of its own maximum.
+pub fn render_added_cost(none: &ScenarioResult, others: &[&ScenarioResult]) -> String {
+    let mut out = String::new();
+    let width = name_width(
+        others
+            .iter()
+            .map(|result| result.name.as_str())
+            .chain([none.name.as_str()]),
+    );
+    let _ = writeln!(
+        out,
+        "Added cost per check against `{}` (same run; microseconds, negative = less):",
+        none.name
+    );
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>12}  {:>9}  {:>9}  {:>9}",
+        "scenario", "1/thr (µs)", "+1/thr", "+p50", "+p99"
+    );
+    let per_check = |result: &ScenarioResult| {
+        let throughput = result.max_throughput.throughput();
+        if throughput > 0.0 {
+            1e6 / throughput
+        } else {
+            f64::NAN
+        }
+    };
+    let base = per_check(none);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>12.1}  {:>9}  {:>9}  {:>9}",
+        none.name, base, "-", "-", "-"
+    );
+    for result in others {
+        let own = per_check(result);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>12.1}  {:>+9.1}  {:>+9}  {:>+9}{}",
+            result.name,
+            own,
+            own - base,
+            result.latency(0.5) as i64 - none.latency(0.5) as i64,
+            result.latency(0.99) as i64 - none.latency(0.99) as i64,
+            if result.saturated() || none.saturated() {
+                "  (latency not comparable: SATURATED)"
+            } else {
+                ""
+            },
+        );
+    }
+    out
+}
+
+fn milliseconds(seconds: Option<f64>) -> String {
+    seconds
+        .map(|seconds| format!("{:.1}", seconds * 1e3))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn failures(counts: &[(String, u64)]) -> String {
+    if counts.is_empty() {
+        return "none".to_string();
+    }
+    counts
+        .iter()
+        .map(|(kind, count)| format!("{kind}={count}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Returns the verdict on the delivery-lag target, or `None` without delivered records.
+pub fn delivery_lag_verdict(lag: &Buckets) -> Option<String> {
+    let p99 = lag.quantile(0.99)?;
+    let limit = TARGET_DELIVERY_LAG_P99_SECONDS;
+    Some(if p99 < limit {
+        format!(
+            "met (p99 {} ms < {} ms)",
+            milliseconds(Some(p99)),
+            limit * 1e3
+        )
+    } else {
+        format!(
+            "MISSED (p99 {} ms >= {} ms)",
+            milliseconds(Some(p99)),
+            limit * 1e3
+        )
+    })
+}
+
+/// Renders the delivery lag and the audit failures of each audit scenario, per loop.
+pub fn render_audit_figures(figures: &[AuditFigures]) -> String {
+    let mut out = String::new();
+    let width = name_width(figures.iter().map(|figure| figure.name.as_str()));
+    let _ = writeln!(
+        out,
+        "Audit delivery lag (recorded to acknowledged by Kafka, from portcullis_audit_delivery_lag_seconds; quantiles \
+         estimated by linear interpolation inside its buckets of 1, 2, 4, 8, 16, 32, 64 ms…) and audit failures:"
+    );
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<12}  {:>9}  {:>8}  {:>8}  {:<28}  audit failures",
+        "scenario", "loop", "delivered", "p50 ms", "p99 ms", "target p99 < 50 ms"
+    );
+    for figure in figures {
+        for (label, lag, failed) in [
+            ("max (closed)", &figure.lag_full, &figure.failures_full),
+            ("half (open)", &figure.lag_half, &figure.failures_half),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:<12}  {:>9}  {:>8}  {:>8}  {:<28}  {}",
+                figure.name,
+                label,
+                lag.total(),
+                milliseconds(lag.quantile(0.5)),
+                milliseconds(lag.quantile(0.99)),
+                delivery_lag_verdict(lag).unwrap_or_else(|| "- (nothing shipped)".to_string()),
+                failures(failed),
+            );
+        }
     }
     out
 }
@@ -290,6 +425,47 @@ mod tests {
             lines[1],
             "portcullis: p99 at half load <= 2x the floor's: not judged, an open loop was saturated (0.17x)"
         );
+    }
+
+    #[test]
+    fn added_cost_is_the_difference_to_audit_none() {
+        // 6 calls in 1 s: 166666.7 µs per check; 3 calls: 333333.3 µs.
+        let none = scenario("portcullis, audit none", &[500; 6], &[150, 150]);
+        let spool = scenario("portcullis, audit spool", &[600; 3], &[400, 400]);
+
+        let table = render_added_cost(&none, &[&spool]);
+        let lines: Vec<&str> = table.lines().collect();
+
+        assert_eq!(
+            lines[2],
+            "portcullis, audit none       166666.7          -          -          -"
+        );
+        assert_eq!(
+            lines[3],
+            "portcullis, audit spool      333333.3  +166666.7       +250       +250"
+        );
+    }
+
+    #[test]
+    fn delivery_lag_target_is_judged_on_p99() {
+        let fast = Buckets {
+            bounds: vec![0.001, 0.002, 0.004, f64::INFINITY],
+            counts: vec![10, 90, 100, 100],
+        };
+        let slow = Buckets {
+            bounds: vec![0.032, 0.064, f64::INFINITY],
+            counts: vec![50, 100, 100],
+        };
+
+        assert_eq!(
+            delivery_lag_verdict(&fast).as_deref(),
+            Some("met (p99 3.8 ms < 50 ms)")
+        );
+        assert_eq!(
+            delivery_lag_verdict(&slow).as_deref(),
+            Some("MISSED (p99 63.4 ms >= 50 ms)")
+        );
+        assert_eq!(delivery_lag_verdict(&Buckets::default()), None);
     }
 
     #[test]
