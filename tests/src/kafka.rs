@@ -185,6 +185,20 @@ impl Kafka {
         Kafka::start_with(KafkaOptions::default()).await
     }
 
+    /// Starts a broker with `options` for the test named `test`. Returns `None`, after
+    /// reporting the skip, when Kafka is unavailable and peers are not required; panics on any
+    /// other failure.
+    pub async fn start_or_skip(test: &str, options: KafkaOptions) -> Option<Self> {
+        match Kafka::start_with(options).await {
+            Ok(kafka) => Some(kafka),
+            Err(LaunchError::Unavailable { peer, reason }) if !crate::peers_required() => {
+                crate::report_skip(test, &format!("{peer} is not available: {reason}"));
+                None
+            }
+            Err(error) => panic!("{test}: starting Kafka failed: {error}"),
+        }
+    }
+
     /// Like [`Kafka::start`], with the listeners that `options` ask for.
     pub async fn start_with(options: KafkaOptions) -> Result<Self, LaunchError> {
         let libs_dir = kafka_libs_dir()?;

@@ -27,10 +27,8 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use envoy_types::pb::google::protobuf::value::Kind;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use portcullis_e2e::kafka::Kafka;
-use portcullis_e2e::{
-    HttpRequest, LaunchError, Portcullis, free_port, peers_required, report_skip, send,
-};
+use portcullis_e2e::kafka::{Kafka, KafkaOptions};
+use portcullis_e2e::{HttpRequest, Portcullis, free_port, send};
 use portcullis_kafka::{ConnectionSettings, TopicMessage, read_topic};
 use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
@@ -75,16 +73,6 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-async fn start_kafka_or_skip(test: &str) -> Option<Kafka> {
-    match Kafka::start().await {
-        Ok(kafka) => Some(kafka),
-        Err(LaunchError::Unavailable { peer, reason }) if !peers_required() => {
-            report_skip(test, &format!("{peer} is not available: {reason}"));
-            None
-        }
-        Err(error) => panic!("{test}: starting Kafka failed: {error}"),
-    }
-}
 
 fn binary() -> PathBuf {
     Portcullis::binary().unwrap_or_else(|error| panic!("{error}"))
@@ -908,7 +896,7 @@ fn max_elapsed(answers: &[Answer], predicate: impl Fn(&Answer) -> bool) -> Durat
 async fn steady_load_every_decision_in_topic_once_in_order() {
     let test = "steady_load_every_decision_in_topic_once_in_order";
     let _serial = SERIAL.lock().await;
-    let Some(kafka) = start_kafka_or_skip(test).await else {
+    let Some(kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else {
         return;
     };
     kafka
@@ -1088,7 +1076,7 @@ fn sidecar_log(setup: &Setup) -> String {
 async fn broker_stopped_without_spool_denies_within_deadline() {
     let test = "broker_stopped_without_spool_denies_within_deadline";
     let _serial = SERIAL.lock().await;
-    let Some(mut kafka) = start_kafka_or_skip(test).await else {
+    let Some(mut kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else {
         return;
     };
     kafka
@@ -1296,7 +1284,7 @@ async fn broker_stopped_without_spool_denies_within_deadline() {
 async fn broker_stopped_with_spool_loses_and_doubles_nothing() {
     let test = "broker_stopped_with_spool_loses_and_doubles_nothing";
     let _serial = SERIAL.lock().await;
-    let Some(mut kafka) = start_kafka_or_skip(test).await else {
+    let Some(mut kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else {
         return;
     };
     kafka
@@ -1430,7 +1418,7 @@ async fn broker_stopped_with_spool_loses_and_doubles_nothing() {
 async fn sigkill_in_kafka_mode_loses_nothing_acknowledged() {
     let test = "sigkill_in_kafka_mode_loses_nothing_acknowledged";
     let _serial = SERIAL.lock().await;
-    let Some(kafka) = start_kafka_or_skip(test).await else {
+    let Some(kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else {
         return;
     };
     kafka

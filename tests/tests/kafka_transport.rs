@@ -15,7 +15,6 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use portcullis_audit::{Record, Transport, TransportError};
 use portcullis_e2e::kafka::{Kafka, KafkaMtls, KafkaOptions};
-use portcullis_e2e::{LaunchError, peers_required, report_skip};
 use portcullis_kafka::{
     ConnectionSettings, KafkaSettings, KafkaTransport, ReadError, RebuildEvent, RebuildObserver, RebuildReason,
     RotatingClientCertificate, SaslMechanism, SaslSettings, TlsSettings, TopicMessage, read_topic,
@@ -30,20 +29,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// includes librdkafka's reconnect backoff and the broker's leader election.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn start_kafka_or_skip(test: &str) -> Option<Kafka> {
-    start_kafka_with_or_skip(test, KafkaOptions::default()).await
-}
-
-async fn start_kafka_with_or_skip(test: &str, options: KafkaOptions) -> Option<Kafka> {
-    match Kafka::start_with(options).await {
-        Ok(kafka) => Some(kafka),
-        Err(LaunchError::Unavailable { peer, reason }) if !peers_required() => {
-            report_skip(test, &format!("{peer} is not available: {reason}"));
-            None
-        }
-        Err(error) => panic!("{test}: starting Kafka failed: {error}"),
-    }
-}
 
 fn record(instance: &str, sequence: u64) -> Record {
     Record {
@@ -97,7 +82,7 @@ async fn read_all(connection: &ConnectionSettings, topic: &str) -> Result<Vec<To
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_arrive_once_in_order_per_instance() {
     let test = "records_arrive_once_in_order_per_instance";
-    let Some(kafka) = start_kafka_or_skip(test).await else { return };
+    let Some(kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else { return };
     kafka.create_topic(TOPIC, 3).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     kafka.create_topic("empty", 2).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}"));
     let settings = KafkaSettings::new(vec![kafka.bootstrap_servers()], TOPIC);
@@ -168,7 +153,7 @@ async fn records_arrive_once_in_order_per_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_times_out_then_recovers() {
     let test = "broker_outage_times_out_then_recovers";
-    let Some(mut kafka) = start_kafka_or_skip(test).await else { return };
+    let Some(mut kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else { return };
     kafka.create_topic(TOPIC, 1).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     let mut settings = KafkaSettings::new(vec![kafka.bootstrap_servers()], TOPIC);
     let deadline = Duration::from_millis(1500);
@@ -219,7 +204,7 @@ impl RebuildObserver for RecordingObserver {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_under_load_loses_no_acknowledged_record() {
     let test = "rebuild_under_load_loses_no_acknowledged_record";
-    let Some(kafka) = start_kafka_or_skip(test).await else { return };
+    let Some(kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else { return };
     kafka.create_topic(TOPIC, 2).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     let settings = KafkaSettings::new(vec![kafka.bootstrap_servers()], TOPIC);
     let observer = Arc::new(RecordingObserver::default());
@@ -311,7 +296,7 @@ fn sequence_of(payload: &[u8]) -> u64 {
 async fn sasl_plain_authenticates_with_password_file() {
     let test = "sasl_plain_authenticates_with_password_file";
     let options = KafkaOptions { sasl_plain_users: vec![("portcullis".to_owned(), "audit-secret".to_owned())], mtls: None };
-    let Some(kafka) = start_kafka_with_or_skip(test, options).await else { return };
+    let Some(kafka) = Kafka::start_or_skip(test, options).await else { return };
     kafka.create_topic(TOPIC, 1).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     let folder = tempfile::tempdir().expect("temporary folder");
     let right_password = folder.path().join("right");
@@ -377,7 +362,7 @@ async fn verify_reads_chain_from_kafka_topic() {
     use portcullis_audit::{AckMode, AuditPipeline, CheckpointPolicy, CheckpointSigner, DecisionSink, NoAuditObserver, PipelineConfig};
 
     let test = "verify_reads_chain_from_kafka_topic";
-    let Some(kafka) = start_kafka_or_skip(test).await else { return };
+    let Some(kafka) = Kafka::start_or_skip(test, KafkaOptions::default()).await else { return };
     kafka.create_topic(TOPIC, 2).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     kafka.create_topic("warm-up", 1).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}"));
     let folder = tempfile::tempdir().expect("temporary folder");
@@ -461,7 +446,7 @@ async fn rotated_client_certificate_reaches_mtls_broker() {
     let other_ca = TestCa::new("untrusted CA");
     let (server_chain_pem, server_key_pem) = ca.issue("kafka", true);
     let options = KafkaOptions { mtls: Some(KafkaMtls { server_chain_pem, server_key_pem, client_ca_pem: ca.issuer.pem() }), ..KafkaOptions::default() };
-    let Some(kafka) = start_kafka_with_or_skip(test, options).await else { return };
+    let Some(kafka) = Kafka::start_or_skip(test, options).await else { return };
     kafka.create_topic(TOPIC, 1).await.unwrap_or_else(|error| panic!("creating the topic failed: {error}\n{}", kafka.log_tail()));
     let folder = tempfile::tempdir().expect("temporary folder");
     let ca_file = folder.path().join("kafka-ca.pem");
