@@ -703,14 +703,14 @@ async fn snapshot(
     }))
 }
 
-/// Longest wait after /readyz for Kafka to acknowledge the first record.
+/// Maximum wait after /readyz for Kafka to acknowledge the first record.
 const FIRST_DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends the first request of the mix until Kafka has acknowledged a record, and returns how
 /// long that took.
 ///
 /// NOTE: portcullis reports ready before its producer has an idempotent producer id from the
-/// broker. A broker started seconds earlier answers `Coordinator load in progress` for a while,
+/// broker. A broker started seconds earlier replies `Coordinator load in progress` for a while,
 /// and checks sent meanwhile are denied with 503 once `audit.delivery_timeout` passes. Those
 /// would count as denials and make the decisions differ from OPA's.
 async fn wait_for_first_delivery(

@@ -628,8 +628,8 @@ impl TopicChain {
                 .expect("decision events have a decision_id")
                 .to_owned();
             // A check denied with 503 because its record was not acknowledged in time gets a
-            // second record, a correction naming the first in `amends`; it states what the
-            // caller was answered, so it is the one kept.
+            // second record, a correction that names the first in `amends`. The correction
+            // states the status the caller received, so it is the one kept.
             match decisions.insert(decision_id.clone(), record.clone()) {
                 None => {}
                 Some(previous) if record["amends"] == previous["event_id"] => {}

@@ -42,7 +42,7 @@ async fn unreachable_authz_server_denies_with_403() {
 }
 
 /// Without the ext_authz filter Envoy only proxies, so the unreachable authorization server
-/// does not matter and the upstream answers.
+/// does not matter and the upstream responds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_without_ext_authz_only_proxies() {
     let Some(envoy_binary) = envoy_binary_or_skip("envoy_without_ext_authz_only_proxies") else {

@@ -5,7 +5,7 @@
 //! The writer is a dedicated thread, so blocking writes and fsyncs never stall the async
 //! workers that respond to checks. It takes commands in arrival order, seals each event with the
 //! next sequence number and the previous hash, commits the whole batch at once (group commit)
-//! and answers the batch. The shipper is a task that reads committed records in order, keeps
+//! and acknowledges the batch. The shipper is a task that reads committed records in order, keeps
 //! every unacknowledged one, and after a failure resends from the first unacknowledged record
 //! with exponential backoff, so the remote log receives each instance's chain in order (with
 //! possible exact duplicates, which readers drop).
@@ -442,7 +442,7 @@ impl Writer {
         }
     }
 
-    /// Seals, commits and answers one batch; returns whether it closed the pipeline.
+    /// Seals, commits and acknowledges one batch. Returns whether it closed the pipeline.
     fn handle_batch(&mut self, commands: Vec<Command>) -> bool {
         let head_before = self.head.clone();
         let since_before = self.since_checkpoint;

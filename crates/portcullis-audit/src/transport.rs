@@ -6,11 +6,11 @@ use futures::future::BoxFuture;
 
 /// One entry of an instance's audit chain (a decision event or a checkpoint), encoded once.
 ///
-/// The bytes are the record's JSON text without a line ending; they are what the chain
-/// hashes, so every copy of a record (spool line, Kafka message) carries exactly these bytes.
+/// The bytes are the record's JSON text without a line ending. The chain hashes exactly these
+/// bytes, so every copy of a record (spool line, Kafka message) carries them unchanged.
 #[derive(Debug, Clone)]
 pub struct Record {
-    /// The instance whose chain holds this record; used as the Kafka message key so that each
+    /// The instance whose chain contains this record. It is the Kafka message key, so each
     /// instance's records stay in one partition, in order.
     pub instance_id: Arc<str>,
     /// Position in the instance's chain, starting at 1 and without gaps.
@@ -33,7 +33,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Waits up to `timeout` for every record sent so far to be acknowledged or failed.
     fn flush(&self, timeout: Duration) -> BoxFuture<'static, Result<(), TransportError>>;
 
-    /// Discards whatever the transport still holds of earlier sends, so that no earlier copy
+    /// Discards whatever the transport still has queued from earlier sends, so that no earlier copy
     /// of a record can reach the remote log after this resolves. The pipeline calls it after a
     /// failed send, once every send in flight has ended, and before it resends from the first
     /// unacknowledged record; without it a copy queued before the failure could overtake the

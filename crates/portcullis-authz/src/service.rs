@@ -199,7 +199,7 @@ impl Authorizer {
     /// Records, without waiting, a second event that states the 503 the request got after
     /// all, and returns it. The first event may still reach the audit log (a sink that timed
     /// out can deliver it later) with the policy's decision in it; the correction names it in
-    /// `amends`, so the trail shows what the caller was answered.
+    /// `amends`, so the trail shows the status the caller received.
     fn record_correction(&self, original: DecisionEvent, verdict: &Verdict) -> DecisionEvent {
         let mut correction = original;
         correction.amends = Some(std::mem::replace(&mut correction.event_id, uuid::Uuid::now_v7().to_string()));

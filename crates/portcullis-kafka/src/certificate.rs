@@ -9,7 +9,7 @@ use tokio::sync::watch;
 /// used for mutual TLS to the brokers.
 ///
 /// librdkafka cannot change a client certificate in place, so every [`install`] makes the
-/// transport build a new producer with the new certificate; the old producer is flushed
+/// transport build a new producer with the new certificate. The old producer is flushed
 /// first, never purged. Clones share one certificate.
 ///
 /// [`install`]: RotatingClientCertificate::install

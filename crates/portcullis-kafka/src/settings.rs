@@ -120,7 +120,7 @@ pub struct KafkaSettings {
     pub connection: ConnectionSettings,
     pub topic: String,
     /// Time from a send until its record is acknowledged or reported as timed out by the
-    /// transport's own timer; librdkafka keeps the record queued until the producer is reset.
+    /// transport's own timer. librdkafka keeps the record queued until the producer is reset.
     pub delivery_timeout: Duration,
     /// Time librdkafka waits to fill a batch (`linger.ms`).
     pub linger: Duration,
@@ -207,10 +207,10 @@ impl KafkaSettings {
         config
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            // librdkafka never expires a record on its own. Expiry is per record, so a record
-            // that expired in the queue would let later ones overtake its resend; instead the
-            // transport's timer reports the time-out, and the pipeline resets the producer
-            // (dropping what it still holds) before it resends in order.
+            // librdkafka never expires a record on its own, because expiry is per record and
+            // a record that expired in the queue would let later ones overtake its resend.
+            // The transport's timer reports the time-out instead. The pipeline then resets the
+            // producer, dropping what it still has queued, before it resends in order.
             .set("message.timeout.ms", "0")
             // Any other failure that could leave a gap stops the producer with a fatal error,
             // which rebuilds it.

@@ -88,10 +88,10 @@ enum AuditCommand {
     /// Write a new Ed25519 key pair for signing audit checkpoints. The private key file is
     /// created with mode 0600; existing files are never overwritten.
     Keygen {
-        /// Where to write the private key (PKCS#8 PEM); set audit.checkpoint.signing_key_file to it.
+        /// Output file for the private key (PKCS#8 PEM); point audit.checkpoint.signing_key_file at it.
         #[arg(long, value_name = "FILE")]
         private_key: PathBuf,
-        /// Where to write the public key (SubjectPublicKeyInfo PEM), for `audit verify`.
+        /// Output file for the public key (SubjectPublicKeyInfo PEM), for `audit verify`.
         #[arg(long, value_name = "FILE")]
         public_key: PathBuf,
     },

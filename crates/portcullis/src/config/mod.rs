@@ -146,8 +146,8 @@ impl Config {
             jwt: jwt::read_jwt(top.node("jwt"), base_dir, &mut problems),
             tls: tls::read_tls(top.node("tls"), top.node("vault"), top.line_of("vault"), base_dir, &mut problems),
         };
-        let listener_certificate_wanted = config.audit.kafka.as_ref().and_then(|kafka| kafka.connection.tls.as_ref()).is_some_and(|tls| tls.rotating_certificate.is_some());
-        if listener_certificate_wanted && config.tls.is_none() {
+        let listener_certificate_requested = config.audit.kafka.as_ref().and_then(|kafka| kafka.connection.tls.as_ref()).is_some_and(|tls| tls.rotating_certificate.is_some());
+        if listener_certificate_requested && config.tls.is_none() {
             let line = top.node("audit").map(|node| node.line);
             problems.push(problem("audit.kafka.tls.use_listener_certificate", line, "needs the `tls` section, whose certificate it reuses; add `tls` or set cert_file and key_file".to_owned()));
         }
