@@ -26,22 +26,20 @@ use crate::protojson::{encode_attribute_context, key};
 pub use summary::{RequestSummary, selected_headers};
 pub use wire::decode_check_request;
 
-/// The input document of one check, with the request facts that decision logs and audit events
-/// record.
+/// The input document of one check. The request facts that decision logs and audit events
+/// record are a [`RequestSummary`], made apart from it.
 #[derive(Clone)]
 pub struct PolicyInput {
     pub document: Value,
-    pub summary: RequestSummary,
 }
 
-/// Shows the summary but not the document, which contains request headers such as
-/// `authorization` with raw credentials.
+/// Hides the document, which contains request headers such as `authorization` with raw
+/// credentials.
 impl std::fmt::Debug for PolicyInput {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("PolicyInput")
             .field("document", &format_args!("<redacted>"))
-            .field("summary", &self.summary)
             .finish()
     }
 }
@@ -114,7 +112,6 @@ pub fn build_input(request: &CheckRequest) -> Result<PolicyInput, InputError> {
 
     Ok(PolicyInput {
         document: document.into_value(),
-        summary: RequestSummary::from_request(request),
     })
 }
 

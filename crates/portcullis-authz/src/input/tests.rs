@@ -641,7 +641,6 @@ fn request_without_attributes_gives_minimal_document() {
             }"#
         )
     );
-    assert_eq!(input.summary, RequestSummary::default());
 }
 
 fn socket_peer(address: &str, port: u32, principal: &str) -> Peer {
@@ -866,7 +865,6 @@ fn debug_output_hides_document() {
         text.contains("document: <redacted>"),
         "debug output was {text}"
     );
-    assert!(text.contains("path: \"/a\""), "debug output was {text}");
 }
 
 #[test]
