@@ -7,7 +7,11 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use portcullis_jwt::{Identity, InvalidToken, RequestView, TokenOutcome, UpstreamHeaders, Verifier};
+use regorus::Value as PolicyValue;
+use regorus::value::Object;
 use serde_json::{Value, json};
+
+use crate::protojson::key;
 
 /// Handling of a request whose token is present but invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,26 +75,56 @@ fn request_headers(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
 }
 
 /// Builds the `input.identity` document: what the policy may rely on about a verified caller.
-pub fn identity_document(identity: &Identity) -> Value {
-    json!({
-        "provider": identity.provider,
-        "issuer": identity.issuer,
-        "subject": identity.subject,
-        "audiences": identity.audiences,
-        "claims": identity.claims,
-        "kid": identity.kid,
-        "alg": identity.algorithm.as_str(),
-    })
+pub fn identity_document(identity: &Identity) -> PolicyValue {
+    let mut document = Object::new();
+    document.insert(key!("provider").clone(), PolicyValue::from(identity.provider.as_str()));
+    document.insert(key!("issuer").clone(), PolicyValue::from(identity.issuer.as_str()));
+    document.insert(key!("subject").clone(), optional_string(identity.subject.as_deref()));
+    let audiences: Vec<PolicyValue> = identity.audiences.iter().map(|audience| PolicyValue::from(audience.as_str())).collect();
+    document.insert(key!("audiences").clone(), PolicyValue::from(audiences));
+    document.insert(key!("claims").clone(), policy_object(&identity.claims));
+    document.insert(key!("kid").clone(), optional_string(identity.kid.as_deref()));
+    document.insert(key!("alg").clone(), PolicyValue::from(identity.algorithm.as_str()));
+    document.into_value()
 }
 
 /// Builds the `input.identity_error` document, set when the policy evaluates a request whose
 /// token is invalid.
-pub fn identity_error_document(invalid: &InvalidToken) -> Value {
-    json!({
-        "reason": invalid.reason.code(),
-        "message": invalid.message,
-        "provider": invalid.provider,
-    })
+pub fn identity_error_document(invalid: &InvalidToken) -> PolicyValue {
+    let mut document = Object::new();
+    document.insert(key!("reason").clone(), PolicyValue::from(invalid.reason.code()));
+    document.insert(key!("message").clone(), PolicyValue::from(invalid.message.as_str()));
+    document.insert(key!("provider").clone(), optional_string(invalid.provider.as_deref()));
+    document.into_value()
+}
+
+fn optional_string(text: Option<&str>) -> PolicyValue {
+    text.map_or(PolicyValue::Null, PolicyValue::from)
+}
+
+/// Converts JSON claims to a policy value member by member. Going through serde's
+/// deserializer instead would cost a second walk and an allocation per node on every check.
+fn policy_value(value: &Value) -> PolicyValue {
+    match value {
+        Value::Null => PolicyValue::Null,
+        Value::Bool(flag) => PolicyValue::from(*flag),
+        Value::Number(number) => match (number.as_u64(), number.as_i64()) {
+            (Some(unsigned), _) => PolicyValue::from(unsigned),
+            (None, Some(signed)) => PolicyValue::from(signed),
+            (None, None) => PolicyValue::from(number.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(text) => PolicyValue::from(text.as_str()),
+        Value::Array(items) => PolicyValue::from(items.iter().map(policy_value).collect::<Vec<_>>()),
+        Value::Object(members) => policy_object(members),
+    }
+}
+
+fn policy_object(members: &serde_json::Map<String, Value>) -> PolicyValue {
+    let mut object = Object::new();
+    for (name, value) in members {
+        object.insert(PolicyValue::from(name.as_str()), policy_value(value));
+    }
+    object.into_value()
 }
 
 /// Builds the identity part of a decision event: never the token, only its fingerprint.
@@ -136,6 +170,59 @@ mod tests {
         let headers = request_headers(&http);
         assert_eq!(headers.get("authorization").map(String::as_str), Some("Bearer a,Bearer b"));
         assert_eq!(headers.get("cookie").map(String::as_str), Some("x=1"));
+    }
+
+    #[test]
+    fn identity_document_converts_claims_like_a_json_parse() {
+        let claims = json!({
+            "iss": "https://issuer.example",
+            "sub": "alice",
+            "exp": 4_102_444_800_u64,
+            "offset": -42,
+            "score": 0.5,
+            "big": 18_446_744_073_709_551_615_u64,
+            "admin": true,
+            "nickname": null,
+            "realm_access": {"roles": ["reader", "writer"], "nested": {"depth": [1, [2, {"x": "y"}]]}},
+            "": "empty name",
+        });
+        let identity = Identity {
+            provider: "keycloak".to_owned(),
+            issuer: "https://issuer.example".to_owned(),
+            subject: None,
+            audiences: vec!["orders".to_owned(), "catalog".to_owned()],
+            claims: claims.as_object().cloned().unwrap_or_default(),
+            kid: Some("k1".to_owned()),
+            algorithm: portcullis_jwt::SignatureAlgorithm::RS256,
+            expires_at: None,
+            token_fingerprint: "0123456789abcdef".to_owned(),
+            locations: Vec::new(),
+        };
+        let expected = json!({
+            "provider": "keycloak",
+            "issuer": "https://issuer.example",
+            "subject": null,
+            "audiences": ["orders", "catalog"],
+            "claims": claims,
+            "kid": "k1",
+            "alg": "RS256",
+        });
+        let parsed = PolicyValue::from_json_str(&expected.to_string()).expect("valid JSON");
+        assert_eq!(identity_document(&identity), parsed);
+    }
+
+    #[test]
+    fn identity_error_document_names_reason_message_and_provider() {
+        let invalid = InvalidToken {
+            reason: portcullis_jwt::InvalidReason::Expired,
+            message: "token expired".to_owned(),
+            provider: None,
+            location: None,
+            token_fingerprint: None,
+        };
+        let parsed = PolicyValue::from_json_str(r#"{"reason": "expired", "message": "token expired", "provider": null}"#)
+            .expect("valid JSON");
+        assert_eq!(identity_error_document(&invalid), parsed);
     }
 
     #[test]

@@ -292,7 +292,6 @@ fn add_identity(document: &mut regorus::Value, outcome: &TokenOutcome) {
         TokenOutcome::Valid(identity) => ("identity", identity_document(identity)),
         TokenOutcome::Invalid(invalid) => ("identity_error", identity_error_document(invalid)),
     };
-    let Ok(value) = serde_json::from_value::<regorus::Value>(value) else { return };
     if let Ok(object) = document.as_object_mut() {
         object.insert(regorus::Value::from(key), value);
     }
