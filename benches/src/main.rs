@@ -4,6 +4,8 @@
 //! maximum throughput with a closed loop, measures latency with an open loop at half of
 //! that, reads the peak memory, and stops the server. The floor is an always-allow ext_authz
 //! server; the peer is OPA's REST server evaluating the same bundle on the same inputs.
+//! The through-Envoy scenarios send the mix as HTTP requests through Envoy to a local
+//! upstream, without the ext_authz filter and with it calling the floor or portcullis.
 //! The Kafka scenarios share one single-node broker on 127.0.0.1 that the run starts before
 //! the first of them and stops after the last.
 
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,12 +29,15 @@ use portcullis_bench::metrics::{
 };
 use portcullis_bench::process::{Server, free_address};
 use portcullis_bench::report::{
-    AuditFigures, Baselines, ScenarioResult, check_targets, render, render_added_cost,
-    render_audit_figures,
+    AuditFigures, Baselines, ScenarioResult, check_targets, render, render_added_by_ext_authz,
+    render_added_cost, render_audit_figures, render_through_envoy,
 };
 use portcullis_bench::requests::{MixEntry, opa_request_body, read_mix};
 use portcullis_bench::target::Target;
+use portcullis_bench::upstream::Upstream;
 use portcullis_e2e::kafka::Kafka;
+
+mod through_envoy;
 
 /// Decision rule of the example bundle, for portcullis and for OPA.
 const DECISION_PATH: &str = "envoy/authz/allow";
@@ -90,14 +96,29 @@ struct Args {
 
     /// Run the Kafka scenarios against a broker started on 127.0.0.1 with the launcher of
     /// portcullis-e2e (which installs Kafka with tests/peers/kafka.sh when it is missing).
+    /// They verify a JWT too, so they need --jwt-keys.
     #[arg(long)]
     kafka: bool,
+
+    /// The Envoy binary (1.40, as tests/peers/envoy.sh installs it); without it the
+    /// through-Envoy scenarios are not measured.
+    #[arg(long)]
+    envoy: Option<PathBuf>,
 }
 
 /// A server under test and how to reach it.
 enum Kind {
     Floor,
     Opa,
+    Portcullis(Setup),
+    /// HTTP requests through Envoy to the upstream, with the ext_authz filter calling this
+    /// server, or without the filter when `None`.
+    Envoy(Option<AuthzServer>),
+}
+
+/// The ext_authz server behind Envoy.
+enum AuthzServer {
+    Floor,
     Portcullis(Setup),
 }
 
@@ -178,7 +199,7 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
     let bundle = std::fs::canonicalize(&args.bundle)
         .map_err(|error| format!("bundle {} not found: {error}", args.bundle.display()))?;
     let mix = read_mix(&args.requests).map_err(|error| error.to_string())?;
-    let opa_bodies = build_opa_bodies(args, &bundle, &mix, work)?;
+    let checked = check_mix(args, &bundle, &mix, work)?;
     let signing_key = generate_signing_key(args, work)?;
     let (jwks, token) = match &args.jwt_keys {
         Some(folder) => {
@@ -199,6 +220,13 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
     };
     if !args.kafka {
         eprintln!("portcullis-bench: no --kafka given; the Kafka scenarios are not measured");
+    } else if token.is_none() {
+        return Err("the Kafka scenarios verify a JWT: --kafka needs --jwt-keys".to_string());
+    }
+    if args.envoy.is_none() {
+        eprintln!(
+            "portcullis-bench: no --envoy given; the through-Envoy scenarios are not measured"
+        );
     }
 
     let mut scenarios = vec![Scenario {
@@ -226,21 +254,60 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
         portcullis("portcullis, JWT (RS256)", "jwt", Audit::None, true);
         portcullis("portcullis, JWT + spool", "jwt-spool", Audit::Spool, true);
     }
-    if args.kafka {
-        portcullis("portcullis, audit kafka", "kafka", Audit::Kafka, false);
-        portcullis(
-            "portcullis, kafka + spool fallback",
-            "kafka-spool",
-            Audit::KafkaWithSpool,
-            false,
+    if args.envoy.is_some() {
+        let mut envoy = |name, authz| {
+            scenarios.push(Scenario {
+                name,
+                kind: Kind::Envoy(authz),
+            })
+        };
+        envoy("envoy only (no ext_authz)", None);
+        envoy("envoy + floor", Some(AuthzServer::Floor));
+        envoy(
+            "envoy + portcullis (audit none)",
+            Some(AuthzServer::Portcullis(Setup {
+                label: "envoy-none",
+                audit: Audit::None,
+                jwt: false,
+            })),
         );
+        if token.is_some() {
+            envoy(
+                "envoy + portcullis (JWT)",
+                Some(AuthzServer::Portcullis(Setup {
+                    label: "envoy-jwt",
+                    audit: Audit::None,
+                    jwt: true,
+                })),
+            );
+        }
+    }
+    if args.kafka {
+        scenarios.push(Scenario {
+            name: "portcullis, JWT + kafka",
+            kind: Kind::Portcullis(Setup {
+                label: "jwt-kafka",
+                audit: Audit::Kafka,
+                jwt: true,
+            }),
+        });
+        scenarios.push(Scenario {
+            name: "portcullis, JWT + kafka + spool fallback",
+            kind: Kind::Portcullis(Setup {
+                label: "jwt-kafka-spool",
+                audit: Audit::KafkaWithSpool,
+                jwt: true,
+            }),
+        });
     }
 
     let mut kafka: Option<Kafka> = None;
     let last_kafka_scenario = scenarios.iter().rposition(
         |scenario| matches!(&scenario.kind, Kind::Portcullis(setup) if setup.audit.uses_kafka()),
     );
+    let mut upstream: Option<Upstream> = None;
     let mut results = Vec::new();
+    let mut through_envoy = Vec::new();
     let mut audit_figures = Vec::new();
     let mut peer_decisions: Option<Vec<bool>> = None;
     for (index, scenario) in scenarios.iter().enumerate() {
@@ -250,6 +317,11 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
         {
             kafka = Some(start_kafka().await?);
         }
+        if matches!(scenario.kind, Kind::Envoy(_)) && upstream.is_none() {
+            upstream = Some(
+                Upstream::start().map_err(|error| format!("cannot start the upstream: {error}"))?,
+            );
+        }
         let shared = Shared {
             bundle: &bundle,
             work,
@@ -258,8 +330,33 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
             kafka_bootstrap: kafka.as_ref().map(Kafka::bootstrap_servers),
         };
         eprintln!("portcullis-bench: {}", scenario.name);
-        let outcome =
-            run_scenario(args, scenario, &shared, &mix, &opa_bodies, token.as_deref()).await?;
+        if let Kind::Envoy(authz) = &scenario.kind {
+            let upstream = upstream
+                .as_ref()
+                .expect("the upstream starts before the first Envoy scenario");
+            let row = through_envoy::run_through_envoy(
+                args,
+                scenario.name,
+                authz.as_ref(),
+                &shared,
+                &mix,
+                &checked.statuses,
+                token.as_deref(),
+                upstream.address(),
+            )
+            .await?;
+            through_envoy.push(row);
+            continue;
+        }
+        let outcome = run_scenario(
+            args,
+            scenario,
+            &shared,
+            &mix,
+            &checked.opa_bodies,
+            token.as_deref(),
+        )
+        .await?;
         match scenario.kind {
             Kind::Opa => peer_decisions = Some(outcome.decisions),
             Kind::Portcullis(_) => compare_decisions(
@@ -268,7 +365,7 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
                 &outcome.decisions,
                 peer_decisions.as_deref(),
             )?,
-            Kind::Floor => {}
+            Kind::Floor | Kind::Envoy(_) => {}
         }
         results.push(outcome.result);
         audit_figures.extend(outcome.audit);
@@ -300,6 +397,12 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
             .collect();
         println!("{}", render_added_cost(none, &others));
     }
+    if !through_envoy.is_empty() {
+        println!("{}", render_through_envoy(&through_envoy));
+        let (proxy_only, with_authz) = through_envoy.split_first().expect("not empty");
+        let others: Vec<&ScenarioResult> = with_authz.iter().map(|row| &row.result).collect();
+        println!("{}", render_added_by_ext_authz(&proxy_only.result, &others));
+    }
     if !audit_figures.is_empty() {
         println!("{}", render_audit_figures(&audit_figures));
     }
@@ -313,15 +416,16 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
         }
     }
     println!(
-        "\n{} requests in the mix, {} s per measurement, {} calls in flight over {} HTTP/2 connections (OPA: HTTP/1.1 keep-alive); the load generator{} shares the machine's {} CPUs with the servers.",
+        "\n{} requests in the mix, {} s per measurement, {} calls in flight over {} HTTP/2 connections (OPA and Envoy: HTTP/1.1 keep-alive, one connection per call in flight); the load generator{} shares the machine's {} CPUs with the servers.",
         mix.len(),
         args.duration,
         args.concurrency,
         args.connections,
-        if args.kafka {
-            " (and, in the Kafka scenarios, the broker)"
-        } else {
-            ""
+        match (args.kafka, args.envoy.is_some()) {
+            (true, true) => " (and the Kafka broker, Envoy and the upstream in their scenarios)",
+            (true, false) => " (and, in the Kafka scenarios, the broker)",
+            (false, true) => " (and, in the through-Envoy scenarios, Envoy and the upstream)",
+            (false, false) => "",
         },
         std::thread::available_parallelism()
             .map(|count| count.get())
@@ -367,18 +471,28 @@ fn generate_signing_key(args: &Args, work: &Path) -> Result<PathBuf, String> {
     Ok(private_key)
 }
 
-/// Builds OPA's request bodies from the input documents that `portcullis check` prints, so
-/// that OPA evaluates exactly the input portcullis builds.
-fn build_opa_bodies(
+/// Results of `portcullis check` for each request of the mix.
+struct CheckedMix {
+    /// OPA's request bodies, `{"input": ...}`.
+    opa_bodies: Vec<Vec<u8>>,
+    /// The HTTP status that Envoy returns with portcullis deciding: 200 for an allow, else
+    /// the decision's `http_status` (403 when it has none).
+    statuses: Vec<http::StatusCode>,
+}
+
+/// Runs `portcullis check` on each request of the mix. OPA's request bodies are built from
+/// the input documents it prints, so that OPA evaluates exactly the input portcullis builds.
+fn check_mix(
     args: &Args,
     bundle: &Path,
     mix: &[MixEntry],
     work: &Path,
-) -> Result<Vec<Vec<u8>>, String> {
+) -> Result<CheckedMix, String> {
     let config = work.join("check.yaml");
     write_config(&config, "127.0.0.1:1", None, bundle, NO_AUDIT, "")?;
 
     let mut bodies = Vec::with_capacity(mix.len());
+    let mut statuses = Vec::with_capacity(mix.len());
     for entry in mix {
         let output = std::process::Command::new(&args.portcullis)
             .arg("check")
@@ -408,8 +522,33 @@ fn build_opa_bodies(
             )
         })?;
         bodies.push(body);
+        statuses.push(expected_status(&json).ok_or_else(|| {
+            format!(
+                "portcullis check printed no decision with `allowed` for {}",
+                entry.path.display()
+            )
+        })?);
     }
-    Ok(bodies)
+    Ok(CheckedMix {
+        opa_bodies: bodies,
+        statuses,
+    })
+}
+
+/// Returns the HTTP status that Envoy sends for the `decision` of a `portcullis check` result: 200 for
+/// an allow, the decision's `http_status` for a deny, or 403, Envoy's status for a deny without
+/// one.
+fn expected_status(check_output: &serde_json::Value) -> Option<http::StatusCode> {
+    let decision = check_output.get("decision")?;
+    if decision.get("allowed")?.as_bool()? {
+        return Some(http::StatusCode::OK);
+    }
+    let status = decision
+        .get("http_status")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|status| u16::try_from(status).ok())
+        .and_then(|status| http::StatusCode::from_u16(status).ok());
+    Some(status.unwrap_or(http::StatusCode::FORBIDDEN))
 }
 
 /// The audit section of a configuration that records nothing.
@@ -505,36 +644,21 @@ async fn run_scenario(
     opa_bodies: &[Vec<u8>],
     token: Option<&str>,
 ) -> Result<Outcome, String> {
-    let address = free_address().map_err(|error| error.to_string())?;
-    let log = shared.work.join(format!(
-        "{}.log",
-        scenario.name.replace([' ', ',', ':', '(', ')', '+'], "_")
-    ));
-    let requests: Vec<_> = mix.iter().map(|entry| entry.request.clone()).collect();
+    let log = log_path(shared, scenario.name);
     let client = Client::builder(TokioExecutor::new()).build_http();
     let mut admin_address = None;
 
     let (server, target, ready_after) = match &scenario.kind {
         Kind::Floor => {
-            let mut server =
-                Server::start(scenario.name, &args.floor, &[address.to_string()], &log)
-                    .map_err(|error| error.to_string())?;
-            let ready_after = server
-                .wait_ready(|| async {
-                    Target::grpc(address, 1, requests.clone())
-                        .await?
-                        .call(0, 0)
-                        .await
-                        .map(|_| ())
-                })
+            let started = start_floor(args, scenario.name, &log).await?;
+            let requests = scenario_requests(scenario.name, mix, false, token)?;
+            let target = Target::grpc(started.address, args.connections, requests)
                 .await
                 .map_err(|error| error.to_string())?;
-            let target = Target::grpc(address, args.connections, requests)
-                .await
-                .map_err(|error| error.to_string())?;
-            (server, target, ready_after)
+            (started.server, target, started.ready_after)
         }
         Kind::Opa => {
+            let address = free_address().map_err(|error| error.to_string())?;
             let opa = args
                 .opa
                 .as_ref()
@@ -560,39 +684,16 @@ async fn run_scenario(
             (server, target, ready_after)
         }
         Kind::Portcullis(setup) => {
-            let admin = free_address().map_err(|error| error.to_string())?;
-            admin_address = Some(admin);
-            let config = shared.work.join(format!("portcullis-{}.yaml", setup.label));
-            let jwt = if setup.jwt {
-                jwt_section(shared)?
-            } else {
-                String::new()
-            };
-            write_config(
-                &config,
-                &address.to_string(),
-                Some(&admin.to_string()),
-                shared.bundle,
-                &audit_section(setup, shared)?,
-                &jwt,
-            )?;
-            let requests = match (setup.jwt, token) {
-                (true, Some(token)) => jwt::with_bearer(&requests, token),
-                (true, None) => return Err(format!("{}: no token to send", scenario.name)),
-                (false, _) => requests,
-            };
-            let serve_args = ["serve", "--config", &config.display().to_string()].map(String::from);
-            let mut server = Server::start(scenario.name, &args.portcullis, &serve_args, &log)
-                .map_err(|error| error.to_string())?;
-            let ready_after = server
-                .wait_ready(|| readyz_ok(&client, admin))
+            let started =
+                start_portcullis(args, scenario.name, setup, shared, &log, &client).await?;
+            admin_address = started.admin;
+            let requests = scenario_requests(scenario.name, mix, setup.jwt, token)?;
+            let target = Target::grpc(started.address, args.connections, requests)
                 .await
                 .map_err(|error| error.to_string())?;
-            let target = Target::grpc(address, args.connections, requests)
-                .await
-                .map_err(|error| error.to_string())?;
-            (server, target, ready_after)
+            (started.server, target, started.ready_after)
         }
+        Kind::Envoy(_) => unreachable!("run_through_envoy runs the Envoy scenarios"),
     };
     let rss_idle_bytes = server.peak_rss_bytes();
 
@@ -616,6 +717,7 @@ async fn run_scenario(
         measure(args, Arc::clone(&target), metrics).await?;
     let rss_load_bytes = server.peak_rss_bytes();
     server.stop().await;
+    report_failed_calls(scenario.name, &max_throughput, &half_load);
 
     if max_throughput.succeeded == 0 {
         let error = max_throughput
@@ -651,6 +753,116 @@ async fn run_scenario(
         decisions,
         audit,
     })
+}
+
+/// An ext_authz server that is running and ready.
+struct AuthzStarted {
+    server: Server,
+    /// The gRPC listener.
+    address: SocketAddr,
+    /// portcullis's admin listener; the floor has none.
+    admin: Option<SocketAddr>,
+    ready_after: Duration,
+}
+
+/// Returns the log file of a scenario's server, named after the scenario.
+fn log_path(shared: &Shared<'_>, name: &str) -> PathBuf {
+    shared.work.join(format!(
+        "{}.log",
+        name.replace([' ', ',', ':', '(', ')', '+'], "_")
+    ))
+}
+
+/// Returns the CheckRequests of the mix, with the bearer token added for a JWT scenario.
+fn scenario_requests(
+    name: &str,
+    mix: &[MixEntry],
+    jwt: bool,
+    token: Option<&str>,
+) -> Result<Vec<CheckRequest>, String> {
+    let requests: Vec<CheckRequest> = mix.iter().map(|entry| entry.request.clone()).collect();
+    match (jwt, token) {
+        (true, Some(token)) => Ok(jwt::with_bearer(&requests, token)),
+        (true, None) => Err(format!("{name}: no token to send")),
+        (false, _) => Ok(requests),
+    }
+}
+
+/// Starts the always-allow floor and waits until a Check call succeeds.
+async fn start_floor(args: &Args, name: &str, log: &Path) -> Result<AuthzStarted, String> {
+    let address = free_address().map_err(|error| error.to_string())?;
+    let mut server = Server::start(name, &args.floor, &[address.to_string()], log)
+        .map_err(|error| error.to_string())?;
+    let ready_after = server
+        .wait_ready(|| async {
+            Target::grpc(address, 1, vec![CheckRequest::default()])
+                .await?
+                .call(0, 0)
+                .await
+                .map(|_| ())
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(AuthzStarted {
+        server,
+        address,
+        admin: None,
+        ready_after,
+    })
+}
+
+/// Writes the configuration of `setup`, starts portcullis and waits until `/readyz` returns
+/// 200.
+async fn start_portcullis(
+    args: &Args,
+    name: &str,
+    setup: &Setup,
+    shared: &Shared<'_>,
+    log: &Path,
+    client: &Client<HttpConnector, Full<Bytes>>,
+) -> Result<AuthzStarted, String> {
+    let address = free_address().map_err(|error| error.to_string())?;
+    let admin = free_address().map_err(|error| error.to_string())?;
+    let config = shared.work.join(format!("portcullis-{}.yaml", setup.label));
+    let jwt = if setup.jwt {
+        jwt_section(shared)?
+    } else {
+        String::new()
+    };
+    write_config(
+        &config,
+        &address.to_string(),
+        Some(&admin.to_string()),
+        shared.bundle,
+        &audit_section(setup, shared)?,
+        &jwt,
+    )?;
+    let serve_args = ["serve", "--config", &config.display().to_string()].map(String::from);
+    let mut server = Server::start(name, &args.portcullis, &serve_args, log)
+        .map_err(|error| error.to_string())?;
+    let ready_after = server
+        .wait_ready(|| readyz_ok(client, admin))
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(AuthzStarted {
+        server,
+        address,
+        admin: Some(admin),
+        ready_after,
+    })
+}
+
+/// Prints the first error of each loop that had failed calls, since the table shows only
+/// their number.
+fn report_failed_calls(name: &str, max_throughput: &Measurement, half_load: &Measurement) {
+    for (label, measurement) in [("closed loop", max_throughput), ("open loop", half_load)] {
+        if let Some(error) = &measurement.first_error {
+            eprintln!(
+                "portcullis-bench: {name}: {} calls failed in the {label}, the first with: {error}",
+                measurement.failed
+            );
+        }
+    }
 }
 
 /// Audit metrics of portcullis at one moment.
@@ -803,5 +1015,36 @@ async fn get_text(
         Ok(String::from_utf8_lossy(&body).into_owned())
     } else {
         Err(format!("{path} returned {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_status_follows_decision() {
+        let allowed = serde_json::json!({"decision": {"allowed": true, "http_status": null}});
+        let bad_request = serde_json::json!({"decision": {"allowed": false, "http_status": 400}});
+        let plain_deny = serde_json::json!({"decision": {"allowed": false}});
+
+        assert_eq!(expected_status(&allowed), Some(http::StatusCode::OK));
+        assert_eq!(
+            expected_status(&bad_request),
+            Some(http::StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            expected_status(&plain_deny),
+            Some(http::StatusCode::FORBIDDEN)
+        );
+    }
+
+    #[test]
+    fn expected_status_needs_decision() {
+        assert_eq!(expected_status(&serde_json::json!({"input": {}})), None);
+        assert_eq!(
+            expected_status(&serde_json::json!({"decision": {"http_status": 403}})),
+            None
+        );
     }
 }

@@ -183,18 +183,24 @@ pub fn render(results: &[ScenarioResult], baselines: &Baselines<'_>) -> String {
 /// the latency at half load. The half-load rates differ between scenarios, so the latency
 /// differences compare each at half of its own maximum.
 pub fn render_added_cost(none: &ScenarioResult, others: &[&ScenarioResult]) -> String {
+    let heading = format!(
+        "Added cost per check against `{}` (same run; microseconds, negative = less):",
+        none.name
+    );
+    render_differences(&heading, none, others)
+}
+
+/// Renders the differences of each of `others` to `base`: `1/throughput` at maximum
+/// throughput and the latencies at half load, under `heading`.
+fn render_differences(heading: &str, base: &ScenarioResult, others: &[&ScenarioResult]) -> String {
     let mut out = String::new();
     let width = name_width(
         others
             .iter()
             .map(|result| result.name.as_str())
-            .chain([none.name.as_str()]),
+            .chain([base.name.as_str()]),
     );
-    let _ = writeln!(
-        out,
-        "Added cost per check against `{}` (same run; microseconds, negative = less):",
-        none.name
-    );
+    let _ = writeln!(out, "{heading}");
     let _ = writeln!(
         out,
         "{:<width$}  {:>12}  {:>9}  {:>9}  {:>9}",
@@ -208,11 +214,11 @@ pub fn render_added_cost(none: &ScenarioResult, others: &[&ScenarioResult]) -> S
             f64::NAN
         }
     };
-    let base = per_check(none);
+    let base_per_check = per_check(base);
     let _ = writeln!(
         out,
         "{:<width$}  {:>12.1}  {:>9}  {:>9}  {:>9}",
-        none.name, base, "-", "-", "-"
+        base.name, base_per_check, "-", "-", "-"
     );
     for result in others {
         let own = per_check(result);
@@ -221,10 +227,10 @@ pub fn render_added_cost(none: &ScenarioResult, others: &[&ScenarioResult]) -> S
             "{:<width$}  {:>12.1}  {:>+9.1}  {:>+9}  {:>+9}{}",
             result.name,
             own,
-            own - base,
-            result.latency(0.5) as i64 - none.latency(0.5) as i64,
-            result.latency(0.99) as i64 - none.latency(0.99) as i64,
-            if result.saturated() || none.saturated() {
+            own - base_per_check,
+            result.latency(0.5) as i64 - base.latency(0.5) as i64,
+            result.latency(0.99) as i64 - base.latency(0.99) as i64,
+            if result.saturated() || base.saturated() {
                 "  (latency not comparable: SATURATED)"
             } else {
                 ""
@@ -232,6 +238,75 @@ pub fn render_added_cost(none: &ScenarioResult, others: &[&ScenarioResult]) -> S
         );
     }
     out
+}
+
+/// Figures of one through-Envoy scenario.
+#[derive(Debug, Clone)]
+pub struct ThroughEnvoy {
+    pub result: ScenarioResult,
+    /// Growth of Envoy's ext_authz failure counters over the warm-up and both loops, by kind;
+    /// `None` without the ext_authz filter. Envoy denies the request of such a check with 403 itself.
+    pub authz_failures: Option<Vec<(String, u64)>>,
+}
+
+/// Renders the through-Envoy figures: requests per second at maximum throughput and the
+/// latencies at half of it, for each row.
+pub fn render_through_envoy(rows: &[ThroughEnvoy]) -> String {
+    let mut out = String::new();
+    let width = name_width(rows.iter().map(|row| row.result.name.as_str()));
+    let _ = writeln!(
+        out,
+        "Through Envoy (HTTP/1.1 requests to Envoy, routed to a local upstream; latency in microseconds at 50% of the row's maximum throughput, open loop):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>10}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  ext_authz failures (Envoy's own 403)",
+        "scenario", "max req/s", "p50", "p99", "p99.9", "errors", "rate"
+    );
+    for row in rows {
+        let result = &row.result;
+        let failures = match &row.authz_failures {
+            None => "- (no ext_authz)".to_string(),
+            Some(counts) => failures(
+                &counts
+                    .iter()
+                    .filter(|(_, count)| *count > 0)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>10.0}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8.0}  {}{}",
+            result.name,
+            result.max_throughput.throughput(),
+            result.half_load.latency_at(0.5),
+            result.half_load.latency_at(0.99),
+            result.half_load.latency_at(0.999),
+            result.max_throughput.failed + result.half_load.failed,
+            result.half_load.throughput(),
+            failures,
+            if result.saturated() {
+                "  SATURATED"
+            } else {
+                ""
+            },
+        );
+    }
+    out
+}
+
+/// Renders what the ext_authz filter adds to a request through Envoy, each row against
+/// `proxy_only` (Envoy without the filter) from the same run.
+pub fn render_added_by_ext_authz(
+    proxy_only: &ScenarioResult,
+    others: &[&ScenarioResult],
+) -> String {
+    let heading = format!(
+        "Added by ext_authz per request against `{}` (same run; microseconds, negative = less):",
+        proxy_only.name
+    );
+    render_differences(&heading, proxy_only, others)
 }
 
 fn milliseconds(seconds: Option<f64>) -> String {
@@ -444,6 +519,50 @@ mod tests {
             lines[3],
             "portcullis, audit spool      333333.3  +166666.7       +250       +250"
         );
+    }
+
+    #[test]
+    fn added_by_ext_authz_subtracts_envoy_only() {
+        // 4 requests in 1 s: 250000 µs per request; 2 requests: 500000 µs.
+        let proxy_only = scenario("envoy only (no ext_authz)", &[500; 4], &[300, 300]);
+        let floor = scenario("envoy + floor", &[600; 2], &[500, 500]);
+
+        let table = render_added_by_ext_authz(&proxy_only, &[&floor]);
+        let lines: Vec<&str> = table.lines().collect();
+
+        assert_eq!(
+            lines[0],
+            "Added by ext_authz per request against `envoy only (no ext_authz)` (same run; microseconds, negative = less):"
+        );
+        assert_eq!(
+            lines[3],
+            "envoy + floor                  500000.0  +250000.0       +200       +200"
+        );
+    }
+
+    #[test]
+    fn through_envoy_row_shows_envoy_failures() {
+        let rows = [
+            ThroughEnvoy {
+                result: scenario("envoy only (no ext_authz)", &[500; 4], &[300, 300]),
+                authz_failures: None,
+            },
+            ThroughEnvoy {
+                result: scenario("envoy + floor", &[600; 2], &[700, 700]),
+                authz_failures: Some(vec![("error".to_string(), 0), ("invalid".to_string(), 3)]),
+            },
+            ThroughEnvoy {
+                result: scenario("envoy + portcullis", &[600; 2], &[400, 400]),
+                authz_failures: Some(vec![("error".to_string(), 0)]),
+            },
+        ];
+
+        let table = render_through_envoy(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+
+        assert!(lines[2].ends_with("- (no ext_authz)"), "{}", lines[2]);
+        assert!(lines[3].ends_with("invalid=3  SATURATED"), "{}", lines[3]);
+        assert!(lines[4].ends_with("  none"), "{}", lines[4]);
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The request mix: ext_authz CheckRequests read from protojson files, and the OPA input
-//! documents that `portcullis check` builds from the same files.
+//! The request mix: ext_authz CheckRequests read from protojson files, the OPA input
+//! documents that `portcullis check` builds from the same files, and the HTTP requests that
+//! the through-Envoy scenarios send in their place.
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use portcullis_authz::protojson::check_request_from_json;
 use serde_json::Value;
@@ -101,6 +103,74 @@ fn read_entry(path: &Path) -> Result<MixEntry, RequestError> {
     })
 }
 
+/// An HTTP request rebuilt from a CheckRequest of the mix, to send through Envoy.
+#[derive(Debug, Clone)]
+pub struct HttpMixRequest {
+    pub method: http::Method,
+    /// Path with the query, as the client sent it.
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// Headers that the HTTP client derives from the request itself, so they are not copied from
+/// the CheckRequest: a copied `content-length` could disagree with the body sent.
+const DERIVED_HEADERS: [&str; 3] = ["content-length", "transfer-encoding", "connection"];
+
+/// Rebuilds the HTTP request that a CheckRequest describes: its method, path, headers (the
+/// `:authority` pseudo-header becomes `host`; other pseudo-headers are dropped) and body
+/// (`raw_body`, else `body`).
+///
+/// Only the `headers` map is read, not `header_map`, which the mix does not use.
+pub fn http_request_from_check(request: &CheckRequest) -> Result<HttpMixRequest, String> {
+    let http = request
+        .attributes
+        .as_ref()
+        .and_then(|attributes| attributes.request.as_ref())
+        .and_then(|request| request.http.as_ref())
+        .ok_or("the CheckRequest has no attributes.request.http")?;
+    let method = http::Method::from_bytes(http.method.as_bytes())
+        .map_err(|_| format!("invalid HTTP method {:?}", http.method))?;
+    if !http.path.starts_with('/') {
+        return Err(format!("path {:?} does not start with /", http.path));
+    }
+
+    let mut names: Vec<&String> = http.headers.keys().collect();
+    names.sort();
+    let mut headers = http::HeaderMap::new();
+    for name in names {
+        let value = &http.headers[name];
+        let name = match name.as_str() {
+            ":authority" => "host",
+            pseudo if pseudo.starts_with(':') => continue,
+            derived if DERIVED_HEADERS.contains(&derived) => continue,
+            other => other,
+        };
+        let header_name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        let header_value = http::HeaderValue::from_str(value)
+            .map_err(|_| format!("invalid value of header {name}"))?;
+        headers.insert(header_name, header_value);
+    }
+    if !headers.contains_key(http::header::HOST) && !http.host.is_empty() {
+        let host = http::HeaderValue::from_str(&http.host)
+            .map_err(|_| format!("invalid host {:?}", http.host))?;
+        headers.insert(http::header::HOST, host);
+    }
+
+    let body = if http.raw_body.is_empty() {
+        Bytes::from(http.body.clone())
+    } else {
+        Bytes::from(http.raw_body.clone())
+    };
+    Ok(HttpMixRequest {
+        method,
+        path: http.path.clone(),
+        headers,
+        body,
+    })
+}
+
 /// Wraps the input document of a `portcullis check` result as the body of a request to
 /// OPA's Data API, `{"input": ...}`. Returns `None` when the result has no `input`.
 pub fn opa_request_body(check_output: &Value) -> Option<Vec<u8>> {
@@ -123,6 +193,70 @@ mod tests {
             String::from_utf8(body).unwrap(),
             r#"{"input":{"parsed_path":["public"]}}"#
         );
+    }
+
+    fn check_request(json: serde_json::Value) -> CheckRequest {
+        check_request_from_json(&json).unwrap()
+    }
+
+    #[test]
+    fn http_request_rebuilt_from_check() {
+        let request = check_request(serde_json::json!({"attributes": {"request": {"http": {
+            "method": "POST",
+            "path": "/api/orders?dry=1",
+            "headers": {
+                ":authority": "shop.example.com",
+                ":method": "POST",
+                ":path": "/api/orders?dry=1",
+                "content-type": "application/json",
+                "content-length": "99",
+                "x-role": "admin"
+            },
+            "body": "{\"quantity\": 3}"
+        }}}}));
+
+        let http = http_request_from_check(&request).unwrap();
+
+        assert_eq!(http.method, http::Method::POST);
+        assert_eq!(http.path, "/api/orders?dry=1");
+        assert_eq!(http.headers.len(), 3);
+        assert_eq!(http.headers["host"], "shop.example.com");
+        assert_eq!(http.headers["content-type"], "application/json");
+        assert_eq!(http.headers["x-role"], "admin");
+        assert_eq!(http.body, Bytes::from_static(b"{\"quantity\": 3}"));
+    }
+
+    #[test]
+    fn http_request_takes_host_field_without_authority() {
+        let request = check_request(serde_json::json!({"attributes": {"request": {"http": {
+            "method": "GET",
+            "path": "/",
+            "host": "api.example.com"
+        }}}}));
+
+        let http = http_request_from_check(&request).unwrap();
+
+        assert_eq!(http.headers["host"], "api.example.com");
+        assert!(http.body.is_empty());
+    }
+
+    #[test]
+    fn http_request_rejects_relative_path() {
+        let request = check_request(serde_json::json!({"attributes": {"request": {"http": {
+            "method": "GET",
+            "path": "admin"
+        }}}}));
+
+        let error = http_request_from_check(&request).unwrap_err();
+
+        assert_eq!(error, r#"path "admin" does not start with /"#);
+    }
+
+    #[test]
+    fn http_request_needs_http_attributes() {
+        let error = http_request_from_check(&CheckRequest::default()).unwrap_err();
+
+        assert_eq!(error, "the CheckRequest has no attributes.request.http");
     }
 
     #[test]

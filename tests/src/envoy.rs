@@ -36,6 +36,9 @@ pub struct EnvoyOptions {
     /// Whether requests pass the ext_authz filter. Without it Envoy only proxies, which is the
     /// baseline that benchmarks compare with.
     pub ext_authz: bool,
+    /// Whether Envoy logs its ext_authz component at debug level: several lines per check,
+    /// which tests read on failure and which benchmarks turn off because they cost CPU.
+    pub ext_authz_debug_log: bool,
 }
 
 /// Envoy's client side of mTLS to portcullis: its certificate and the CA it trusts.
@@ -61,6 +64,7 @@ impl EnvoyOptions {
             max_request_bytes: 8192,
             authz_tls: None,
             ext_authz: true,
+            ext_authz_debug_log: true,
         }
     }
 }
@@ -260,8 +264,10 @@ impl Envoy {
             .args(["--concurrency", "1"])
             // Info level starts with hundreds of lines listing extensions, which would push
             // the useful lines out of the log tail shown in errors.
-            .args(["--log-level", "warning"])
-            .args(["--component-log-level", "ext_authz:debug"]);
+            .args(["--log-level", "warning"]);
+        if options.ext_authz_debug_log {
+            command.args(["--component-log-level", "ext_authz:debug"]);
+        }
         let mut process = ChildProcess::spawn("envoy", &mut command, &log_path, &log_path)?;
 
         let (admin_address, listener_address) = process
