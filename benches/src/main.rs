@@ -29,8 +29,8 @@ use portcullis_bench::metrics::{
 };
 use portcullis_bench::process::{Server, free_address};
 use portcullis_bench::report::{
-    AuditFigures, Baselines, ScenarioResult, check_targets, render, render_added_by_ext_authz,
-    render_added_cost, render_audit_figures, render_through_envoy,
+    AuditFigures, Baselines, Judged, ScenarioResult, ThroughputTargets, check_targets, render,
+    render_added_by_ext_authz, render_added_cost, render_audit_figures, render_through_envoy,
 };
 use portcullis_bench::requests::{MixEntry, opa_request_body, read_mix};
 use portcullis_bench::target::Target;
@@ -50,7 +50,12 @@ const CHECKPOINT_EVERY: u32 = 1000;
 
 #[derive(Debug, Parser)]
 #[command(
-    about = "Benchmarks portcullis against an always-allow floor and OPA, and prints the comparison"
+    about = "Benchmarks portcullis against an always-allow floor and OPA, and prints the comparison",
+    long_about = "Benchmarks portcullis against an always-allow floor and OPA, and prints the comparison.\n\n\
+Every run measures the floor and portcullis without audit, with the fsynced file and with the \
+spool. --opa adds the peer, --jwt-keys the rows with an RS256 bearer token, --envoy the rows \
+through Envoy, and --kafka the rows whose audit Kafka acknowledges. scripts/bench passes all of \
+them; see benches/README.md for what each row measures."
 )]
 struct Args {
     /// The portcullis binary (a release build).
@@ -85,7 +90,8 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
 
-    /// HTTP/2 connections for gRPC (OPA over HTTP/1.1 uses one connection per call in flight).
+    /// HTTP/2 connections for gRPC (OPA and Envoy over HTTP/1.1 use one connection per call in
+    /// flight).
     #[arg(long, default_value_t = 4)]
     connections: usize,
 
@@ -94,8 +100,8 @@ struct Args {
     #[arg(long)]
     jwt_keys: Option<PathBuf>,
 
-    /// Run the Kafka scenarios against a broker started on 127.0.0.1 with the launcher of
-    /// portcullis-e2e (which installs Kafka with tests/peers/kafka.sh when it is missing).
+    /// Run the Kafka scenarios against a broker started on 127.0.0.1 by the launcher in
+    /// tests/src/kafka.rs, which installs Kafka with tests/peers/kafka.sh when it is missing.
     /// They verify a JWT too, so they need --jwt-keys.
     #[arg(long)]
     kafka: bool,
@@ -152,6 +158,26 @@ struct Setup {
     jwt: bool,
 }
 
+/// Returns the throughput targets that apply to a portcullis row. The peer evaluates the
+/// policy without a token and records nothing, so only `audit none` does the peer's work. The
+/// floor target covers the check with and without a token. Audit writes have their own targets.
+fn throughput_targets(setup: &Setup) -> ThroughputTargets {
+    let records = setup.audit != Audit::None;
+    let peer = if records {
+        Judged::No("the peer records no audit")
+    } else if setup.jwt {
+        Judged::No("the peer verifies no token")
+    } else {
+        Judged::Yes
+    };
+    let floor = if records {
+        Judged::No("the target covers checks without audit writes")
+    } else {
+        Judged::Yes
+    };
+    ThroughputTargets { peer, floor }
+}
+
 /// What the portcullis configurations of a run share.
 struct Shared<'a> {
     bundle: &'a Path,
@@ -178,13 +204,15 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Runs every scenario in a temporary folder, which is kept when the run fails so that the
-/// server logs named in the error can be read.
+/// Runs every scenario in a temporary folder. When the run fails after a server started, the
+/// folder is kept so that the server logs named in the error can be read.
 async fn run(args: &Args) -> Result<(), String> {
+    check_args(args)?;
     let work = tempfile::tempdir()
         .map_err(|error| format!("cannot create a temporary folder: {error}"))?;
     match run_in(args, work.path()).await {
         Ok(()) => Ok(()),
+        Err(message) if !contains_log(work.path()) => Err(message),
         Err(message) => {
             let kept_folder = work.keep();
             Err(format!(
@@ -193,6 +221,44 @@ async fn run(args: &Args) -> Result<(), String> {
             ))
         }
     }
+}
+
+/// Rejects options that cannot make a run, before anything starts.
+fn check_args(args: &Args) -> Result<(), String> {
+    if args.kafka && args.jwt_keys.is_none() {
+        return Err("the Kafka scenarios verify a JWT: --kafka needs --jwt-keys".to_string());
+    }
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        return Err(format!(
+            "invalid --duration {}: expected seconds above 0, such as 10",
+            args.duration
+        ));
+    }
+    if !(args.warmup.is_finite() && args.warmup >= 0.0) {
+        return Err(format!(
+            "invalid --warmup {}: expected 0 or more seconds, such as 2",
+            args.warmup
+        ));
+    }
+    if args.concurrency == 0 {
+        return Err("invalid --concurrency 0: expected 1 or more calls in flight".to_string());
+    }
+    if args.connections == 0 {
+        return Err("invalid --connections 0: expected 1 or more connections".to_string());
+    }
+    Ok(())
+}
+
+/// Returns whether `folder` contains a server log, the files a failed run keeps it for.
+fn contains_log(folder: &Path) -> bool {
+    std::fs::read_dir(folder).is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            entry
+                .path()
+                .extension()
+                .is_some_and(|extension| extension == "log")
+        })
+    })
 }
 
 async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
@@ -220,8 +286,6 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
     };
     if !args.kafka {
         eprintln!("portcullis-bench: no --kafka given; the Kafka scenarios are not measured");
-    } else if token.is_none() {
-        return Err("the Kafka scenarios verify a JWT: --kafka needs --jwt-keys".to_string());
     }
     if args.envoy.is_none() {
         eprintln!(
@@ -307,6 +371,7 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
     );
     let mut upstream: Option<Upstream> = None;
     let mut results = Vec::new();
+    let mut portcullis_rows: Vec<(usize, Setup)> = Vec::new();
     let mut through_envoy = Vec::new();
     let mut audit_figures = Vec::new();
     let mut peer_decisions: Option<Vec<bool>> = None;
@@ -367,6 +432,9 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
             )?,
             Kind::Floor | Kind::Envoy(_) => {}
         }
+        if let Kind::Portcullis(setup) = scenario.kind {
+            portcullis_rows.push((results.len(), setup));
+        }
         results.push(outcome.result);
         audit_figures.extend(outcome.audit);
         if Some(index) == last_kafka_scenario
@@ -407,11 +475,8 @@ async fn run_in(args: &Args, work: &Path) -> Result<(), String> {
         println!("{}", render_audit_figures(&audit_figures));
     }
     println!("Targets:");
-    for result in results
-        .iter()
-        .filter(|result| result.name.starts_with("portcullis"))
-    {
-        for line in check_targets(result, &baselines) {
+    for (index, setup) in &portcullis_rows {
+        for line in check_targets(&results[*index], &baselines, throughput_targets(setup)) {
             println!("  {line}");
         }
     }
@@ -921,10 +986,11 @@ const FIRST_DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Sends the first request of the mix until Kafka has acknowledged a record, and returns how
 /// long that took.
 ///
-/// NOTE: portcullis reports ready before its producer has an idempotent producer id from the
-/// broker. A broker started seconds earlier replies `Coordinator load in progress` for a while,
-/// and checks sent meanwhile are denied with 503 once `audit.delivery_timeout` passes. Those
-/// would count as denials and make the decisions differ from OPA's.
+/// With a spool, portcullis reports ready before its producer has an idempotent producer id
+/// from the broker. A broker started seconds earlier replies `Coordinator load in progress` for
+/// a while, and checks sent meanwhile wait for `audit.delivery_timeout`, which would make the
+/// first loop measure that wait. Without a spool, `/readyz` itself waits for the first
+/// acknowledgement, so this returns after one call.
 async fn wait_for_first_delivery(
     target: &Target,
     client: &Client<HttpConnector, Full<Bytes>>,
@@ -1021,6 +1087,93 @@ async fn get_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let required = [
+            "portcullis-bench",
+            "--portcullis",
+            "p",
+            "--floor",
+            "f",
+            "--bundle",
+            "b",
+        ];
+        let requests = ["--requests", "r"];
+        Args::parse_from(required.iter().chain(&requests).chain(extra))
+    }
+
+    #[test]
+    fn check_args_rejects_unusable_options() {
+        assert!(check_args(&args(&[])).is_ok());
+        let kafka = check_args(&args(&["--kafka"])).unwrap_err();
+        assert!(kafka.contains("--kafka needs --jwt-keys"), "{kafka}");
+        let duration = check_args(&args(&["--duration", "0"])).unwrap_err();
+        assert!(duration.contains("invalid --duration 0"), "{duration}");
+        let not_a_number = check_args(&args(&["--duration", "NaN"])).unwrap_err();
+        assert!(
+            not_a_number.contains("invalid --duration NaN"),
+            "{not_a_number}"
+        );
+        let warmup = check_args(&args(&["--warmup=-1"])).unwrap_err();
+        assert!(warmup.contains("invalid --warmup -1"), "{warmup}");
+        let concurrency = check_args(&args(&["--concurrency", "0"])).unwrap_err();
+        assert!(
+            concurrency.contains("invalid --concurrency 0"),
+            "{concurrency}"
+        );
+        let connections = check_args(&args(&["--connections", "0"])).unwrap_err();
+        assert!(
+            connections.contains("invalid --connections 0"),
+            "{connections}"
+        );
+    }
+
+    #[test]
+    fn throughput_targets_follow_row_work() {
+        let setup = |audit, jwt| Setup {
+            label: "test",
+            audit,
+            jwt,
+        };
+
+        assert_eq!(
+            throughput_targets(&setup(Audit::None, false)),
+            ThroughputTargets {
+                peer: Judged::Yes,
+                floor: Judged::Yes
+            }
+        );
+        assert_eq!(
+            throughput_targets(&setup(Audit::None, true)),
+            ThroughputTargets {
+                peer: Judged::No("the peer verifies no token"),
+                floor: Judged::Yes
+            }
+        );
+        for audit in [
+            Audit::File,
+            Audit::Spool,
+            Audit::Kafka,
+            Audit::KafkaWithSpool,
+        ] {
+            let targets = throughput_targets(&setup(audit, true));
+            assert_eq!(
+                targets.peer,
+                Judged::No("the peer records no audit"),
+                "{audit:?}"
+            );
+            assert!(matches!(targets.floor, Judged::No(_)), "{audit:?}");
+        }
+    }
+
+    #[test]
+    fn contains_log_needs_log_file() {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(folder.path().join("portcullis-none.yaml"), "").unwrap();
+        assert!(!contains_log(folder.path()));
+        std::fs::write(folder.path().join("portcullis-none.log"), "").unwrap();
+        assert!(contains_log(folder.path()));
+    }
 
     #[test]
     fn expected_status_follows_decision() {

@@ -46,6 +46,21 @@ pub const TARGET_RSS_BYTES: u64 = 50 * 1024 * 1024;
 /// Delivery lag p99 on a local broker, from recording a decision to Kafka's acknowledgement.
 pub const TARGET_DELIVERY_LAG_P99_SECONDS: f64 = 0.050;
 
+/// Whether a row is judged by a throughput target, or why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judged {
+    Yes,
+    /// The row does work that the target's baseline does not, such as writing audit records.
+    No(&'static str),
+}
+
+/// The throughput targets that apply to one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThroughputTargets {
+    pub peer: Judged,
+    pub floor: Judged,
+}
+
 /// Audit figures of one scenario from portcullis's `/metrics`, each taken over one loop.
 #[derive(Debug, Clone)]
 pub struct AuditFigures {
@@ -380,18 +395,30 @@ pub fn render_audit_figures(figures: &[AuditFigures]) -> String {
     out
 }
 
-/// Checks one scenario against the targets; each line states `met` or `MISSED` with the figures.
-pub fn check_targets(result: &ScenarioResult, baselines: &Baselines<'_>) -> Vec<String> {
+/// Checks one scenario against the targets. Each line states `met` or `MISSED` with the
+/// figure, or `not judged` with the reason and the figure.
+pub fn check_targets(
+    result: &ScenarioResult,
+    baselines: &Baselines<'_>,
+    throughput_targets: ThroughputTargets,
+) -> Vec<String> {
     let mut lines = Vec::new();
     let throughput = result.max_throughput.throughput();
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    let judge = |judged: Judged, met: bool| match judged {
+        Judged::Yes => verdict(met).to_string(),
+        Judged::No(reason) => format!("not judged, {reason}"),
+    };
 
     if let Some(peer) = baselines.peer {
         let ratio = throughput / peer.max_throughput.throughput().max(f64::MIN_POSITIVE);
         lines.push(format!(
             "{}: throughput >= {TARGET_PEER_THROUGHPUT_RATIO}x the peer: {} ({ratio:.2}x)",
             result.name,
-            verdict(ratio >= TARGET_PEER_THROUGHPUT_RATIO)
+            judge(
+                throughput_targets.peer,
+                ratio >= TARGET_PEER_THROUGHPUT_RATIO
+            )
         ));
     }
     if let Some(floor) = baselines.floor {
@@ -399,7 +426,10 @@ pub fn check_targets(result: &ScenarioResult, baselines: &Baselines<'_>) -> Vec<
         lines.push(format!(
             "{}: throughput >= {TARGET_FLOOR_THROUGHPUT_RATIO}x the floor: {} ({ratio:.2}x)",
             result.name,
-            verdict(ratio >= TARGET_FLOOR_THROUGHPUT_RATIO)
+            judge(
+                throughput_targets.floor,
+                ratio >= TARGET_FLOOR_THROUGHPUT_RATIO
+            )
         ));
 
         let p99_ratio = result.latency(0.99) / floor.latency(0.99).max(1.0);
@@ -472,7 +502,7 @@ mod tests {
             peer: Some(&peer),
         };
 
-        let lines = check_targets(&subject, &baselines);
+        let lines = check_targets(&subject, &baselines, ALL_JUDGED);
 
         assert_eq!(
             lines,
@@ -485,6 +515,37 @@ mod tests {
         );
     }
 
+    const ALL_JUDGED: ThroughputTargets = ThroughputTargets {
+        peer: Judged::Yes,
+        floor: Judged::Yes,
+    };
+
+    #[test]
+    fn unjudged_throughput_targets_give_reason() {
+        let floor = scenario("floor", &[400; 8], &[100, 100]);
+        let peer = scenario("peer", &[2000; 2], &[300, 300]);
+        let subject = scenario("portcullis", &[500; 2], &[150, 150]);
+        let baselines = Baselines {
+            floor: Some(&floor),
+            peer: Some(&peer),
+        };
+        let targets = ThroughputTargets {
+            peer: Judged::No("the peer verifies no token"),
+            floor: Judged::Yes,
+        };
+
+        let lines = check_targets(&subject, &baselines, targets);
+
+        assert_eq!(
+            lines[0],
+            "portcullis: throughput >= 3x the peer: not judged, the peer verifies no token (1.00x)"
+        );
+        assert_eq!(
+            lines[1],
+            "portcullis: throughput >= 0.5x the floor: MISSED (0.25x)"
+        );
+    }
+
     #[test]
     fn saturated_floor_leaves_p99_unjudged() {
         let floor = scenario("floor", &[400; 8], &[900, 900]);
@@ -494,7 +555,7 @@ mod tests {
             peer: None,
         };
 
-        let lines = check_targets(&subject, &baselines);
+        let lines = check_targets(&subject, &baselines, ALL_JUDGED);
 
         assert_eq!(
             lines[1],

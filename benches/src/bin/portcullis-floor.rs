@@ -14,6 +14,11 @@ use envoy_types::pb::google::rpc::Status;
 use tonic::transport::Server;
 
 /// Allows every Check with status `OK`, which Envoy treats as an allow.
+const USAGE: &str = "usage: portcullis-floor IP:PORT
+
+Serves ext_authz v3 gRPC on IP:PORT (such as 127.0.0.1:9291) and allows every request
+without looking at it: the floor that scripts/bench compares portcullis with.";
+
 struct AllowAll;
 
 #[tonic::async_trait]
@@ -36,9 +41,13 @@ impl Authorization for AllowAll {
 #[tokio::main]
 async fn main() -> ExitCode {
     let Some(argument) = std::env::args().nth(1) else {
-        eprintln!("usage: portcullis-floor IP:PORT");
+        eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
+    if argument == "--help" || argument == "-h" {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let address: SocketAddr = match argument.parse() {
         Ok(address) => address,
         Err(error) => {
