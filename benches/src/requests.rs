@@ -117,11 +117,11 @@ pub struct HttpMixRequest {
 /// the CheckRequest: a copied `content-length` could disagree with the body sent.
 const DERIVED_HEADERS: [&str; 3] = ["content-length", "transfer-encoding", "connection"];
 
-/// Rebuilds the HTTP request that a CheckRequest describes: its method, path, headers (the
-/// `:authority` pseudo-header becomes `host`; other pseudo-headers are dropped) and body
-/// (`raw_body`, else `body`).
+/// Rebuilds the HTTP request that a CheckRequest describes: its method, path, headers and body.
+/// The `:authority` pseudo-header becomes `host`, other pseudo-headers are dropped, and the body
+/// is `raw_body`, else `body`.
 ///
-/// Only the `headers` map is read, not `header_map`, which the mix does not use.
+/// NOTE: only the `headers` map is read, not `header_map`, because the mix does not use it.
 pub fn http_request_from_check(request: &CheckRequest) -> Result<HttpMixRequest, String> {
     let http = request
         .attributes
@@ -133,6 +133,13 @@ pub fn http_request_from_check(request: &CheckRequest) -> Result<HttpMixRequest,
         .map_err(|_| format!("invalid HTTP method {:?}", http.method))?;
     if !http.path.starts_with('/') {
         return Err(format!("path {:?} does not start with /", http.path));
+    }
+    // A valid path and query keeps the URI that `Target::http` builds from it valid too.
+    if http.path.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(format!(
+            "invalid path {:?}: expected a path and query as sent on the wire, with spaces and other reserved bytes percent-encoded",
+            http.path
+        ));
     }
 
     let mut names: Vec<&String> = http.headers.keys().collect();
@@ -250,6 +257,21 @@ mod tests {
         let error = http_request_from_check(&request).unwrap_err();
 
         assert_eq!(error, r#"path "admin" does not start with /"#);
+    }
+
+    #[test]
+    fn http_request_rejects_unencoded_space() {
+        let request = check_request(serde_json::json!({"attributes": {"request": {"http": {
+            "method": "GET",
+            "path": "/admin settings"
+        }}}}));
+
+        let error = http_request_from_check(&request).unwrap_err();
+
+        assert!(
+            error.starts_with(r#"invalid path "/admin settings""#),
+            "{error}"
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
-            // The send fails only when `serve` has returned already, and then nothing is left to stop.
+            // The send fails only when the server thread has ended, so nothing is left to stop.
             let _ = shutdown.send(());
         }
         if let Some(thread) = self.thread.take() {
