@@ -73,7 +73,6 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-
 fn binary() -> PathBuf {
     Portcullis::binary().unwrap_or_else(|error| panic!("{error}"))
 }
@@ -329,6 +328,21 @@ impl Answer {
             _ => false,
         }
     }
+}
+
+/// Asserts that each check got the policy's own decision, and shows the first five that did
+/// not. `label` names the checks in the failure message.
+fn assert_policy_answers<'a>(answers: impl IntoIterator<Item = &'a Answer>, label: &str) {
+    let unexpected: Vec<&Answer> = answers
+        .into_iter()
+        .filter(|answer| !answer.has_policy_answer())
+        .collect();
+    assert_eq!(
+        unexpected.len(),
+        0,
+        "{label} without the policy's answer: {:?}",
+        &unexpected[..unexpected.len().min(5)]
+    );
 }
 
 fn check_request(path: &str, request_id: &str) -> CheckRequest {
@@ -933,16 +947,7 @@ async fn steady_load_every_decision_in_topic_once_in_order() {
         chain.checkpoint_reasons()
     ));
 
-    let unexpected: Vec<&Answer> = steady
-        .iter()
-        .filter(|answer| !answer.has_policy_answer())
-        .collect();
-    assert_eq!(
-        unexpected.len(),
-        0,
-        "checks without the policy's answer: {:?}",
-        &unexpected[..unexpected.len().min(5)]
-    );
+    assert_policy_answers(&steady, "checks");
     assert!(
         allowed >= 20,
         "too little load: {allowed} allowed:\n{}",
@@ -1341,16 +1346,7 @@ async fn broker_stopped_with_spool_loses_and_doubles_nothing() {
     ));
 
     // The spool answers every check while Kafka is away: no 503 and no gRPC error.
-    let unexpected: Vec<&Answer> = answers
-        .iter()
-        .filter(|answer| !answer.has_policy_answer())
-        .collect();
-    assert_eq!(
-        unexpected.len(),
-        0,
-        "checks without the policy's answer: {:?}",
-        &unexpected[..unexpected.len().min(5)]
-    );
+    assert_policy_answers(&answers, "checks");
     assert!(
         during_outage >= 2 * CLIENTS,
         "only {during_outage} checks sent while the broker was down"
@@ -1490,16 +1486,7 @@ async fn sigkill_in_kafka_mode_loses_nothing_acknowledged() {
         failed_calls.len() <= CLIENTS,
         "calls failed before the kill: {failed_calls:?}"
     );
-    let unexpected: Vec<&&Answer> = answered
-        .iter()
-        .filter(|answer| !answer.has_policy_answer())
-        .collect();
-    assert_eq!(
-        unexpected.len(),
-        0,
-        "answered checks without the policy's answer: {:?}",
-        &unexpected[..unexpected.len().min(5)]
-    );
+    assert_policy_answers(answered.iter().copied(), "answered checks");
     assert!(
         after_restart.iter().all(Answer::is_answered),
         "a check after the restart failed"
